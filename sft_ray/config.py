@@ -1,0 +1,165 @@
+"""One typed, strict config tree: YAML file + `section.key=value` overrides.
+
+Unknown keys and bad values are errors that name the key, so a typo never silently
+falls back to a default. The tree travels to Ray workers as a plain dict.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    path: str  # a local folder or a hub id
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class QuantizationConfig(_Strict):
+    bits: Literal[4] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class DatasetSource(_Strict):
+    path: str
+    format: Literal["instruction"] = "instruction"
+
+
+class DataConfig(_Strict):
+    train: list[DatasetSource] = Field(min_length=1)
+    eval: list[DatasetSource] = []
+    max_length: int = Field(512, gt=1)
+    on_bad_row: Literal["error", "skip"] = "error"
+
+
+class TrainConfig(_Strict):
+    learning_rate: float = Field(2.0e-4, gt=0)
+    epochs: float = Field(3, gt=0)
+    per_device_batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int = Field(50, gt=0)
+    save_steps: int = Field(50, gt=0)
+    seed: int = 42
+    samples: int = Field(3, ge=0)  # held-out prompts generated before and after training
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+
+
+class StorageConfig(_Strict):
+    path: str = "runs"  # local/NFS folder; relative paths resolve against the working directory
+    keep_checkpoints: int = Field(2, gt=0)
+
+
+class Config(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: ModelConfig
+    quantization: QuantizationConfig | None = None
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v == "datasets":
+            raise ValueError("'datasets' is reserved for prepared data under storage.path")
+        return v
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{'.'.join(keys[: i + 1])}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings; values are parsed as YAML (so `3`, `1e-4`, `[a, b]`, `null` work)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(tree: dict, source: str = "(dict)") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    """Make local paths absolute (Ray storage needs absolute paths; workers run in other folders)."""
+
+    def local(p: str) -> str:
+        if "://" in p:
+            return p
+        return str((base / p).resolve()) if not os.path.isabs(p) else p
+
+    cfg.storage.path = local(cfg.storage.path)
+    for src in cfg.data.train + cfg.data.eval:
+        src.path = local(src.path)
+    # A model path that exists locally is a folder; anything else stays a hub id.
+    if (base / cfg.model.path).exists():
+        cfg.model.path = str((base / cfg.model.path).resolve())
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """Load, override, validate, and resolve relative paths against the current directory."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    apply_overrides(tree, list(overrides))
+    return _resolve_paths(validate(tree, str(path)), Path.cwd())

@@ -1,0 +1,59 @@
+"""Tokenizer and model loading (local folders or hub ids), LoRA and QLoRA adapter config.
+
+Imported only where the model is needed (Ray Data actors, Ray Train workers), never on the driver.
+"""
+
+from __future__ import annotations
+
+from sft_ray.config import Config
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # batches need a pad id; padded positions carry label -100
+    return tok
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(cfg: Config, device):
+    """The frozen base model on `device`, 4-bit when `quantization` is set."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
+    kwargs["dtype"] = "auto" if cfg.model.dtype == "auto" else _dtype(cfg.model.dtype)
+    q = cfg.quantization
+    if q is not None:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=_dtype(q.compute_dtype),
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kwargs)
+    if q is None:
+        model.to(device)
+    if device.type == "cpu" and model.dtype == torch.float16:
+        model.to(torch.float32)  # fp16 matmuls are not supported on every CPU
+    return model
+
+
+def lora_config(cfg: Config):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )

@@ -1,0 +1,27 @@
+"""Connecting to Ray: the cluster of a submitted job, RAY_ADDRESS, or an embedded local instance."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def ensure_ray() -> bool:
+    """Initialize Ray once; returns True when this call started an embedded local instance."""
+    # Set before Ray starts so every worker inherits it: the print patch floods logs (stack-notes R12).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    local = "RAY_ADDRESS" not in os.environ
+    ray.init(
+        include_dashboard=False if local else None,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}}
+        if local
+        else None,
+    )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    return local

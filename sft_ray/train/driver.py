@@ -1,0 +1,69 @@
+"""The driver side of training: prepare (or reuse) the data, then run a Ray Train TorchTrainer.
+
+Light on purpose: no torch or transformers import here; those happen in the workers.
+"""
+
+from __future__ import annotations
+
+from sft_ray import storage
+from sft_ray.config import Config
+from sft_ray.data.pipeline import prepare
+from sft_ray.ray_runtime import ensure_ray
+
+
+def _read_split(prepared: str, split: str, manifest: dict):
+    import ray
+
+    if manifest["splits"][split]["rows_written"] == 0:
+        return None
+    # Materialized before fit(): a lazy read would wait forever for CPUs the workers hold (stack-notes §8.5).
+    return ray.data.read_parquet(storage.join(prepared, split)).materialize()
+
+
+def _check_resources(cfg: Config) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    kind = "GPU" if cfg.scaling.use_gpu else "CPU"
+    if have.get(kind, 0) < cfg.scaling.num_workers:
+        raise RuntimeError(
+            f"scaling.num_workers={cfg.scaling.num_workers} needs {cfg.scaling.num_workers} {kind}s, "
+            f"but this local Ray has {have.get(kind, 0):g}; lower scaling.num_workers"
+        )
+
+
+def train(cfg: Config) -> dict:
+    """Run one training job end to end; returns rank 0's summary."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from sft_ray.train.worker import train_loop
+
+    storage.check_writable(cfg.storage.path)
+    started_local = ensure_ray()
+    if started_local:
+        _check_resources(cfg)
+    prepared, manifest = prepare(cfg)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    datasets = {"train": _read_split(prepared, "train", manifest)}
+    if (eval_ds := _read_split(prepared, "eval", manifest)) is not None:
+        datasets["eval"] = eval_ds
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "prepared": prepared},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=None if cfg.scaling.use_gpu else {"CPU": 1},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage.path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.storage.keep_checkpoints),
+        ),
+        datasets=datasets,
+        # Every worker gets all rows; Accelerate inside the HF Trainer shards them exactly once.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    return result.return_value

@@ -1,0 +1,61 @@
+"""The run's `final/` folder: adapter, tokenizer, resolved config, metrics and sample generations."""
+
+from __future__ import annotations
+
+import tempfile
+
+import yaml
+
+from sft_ray import storage
+from sft_ray.config import Config
+
+
+def run_dir(cfg: Config) -> str:
+    return storage.join(cfg.storage.path, cfg.name)
+
+
+def _loss_history(log_history: list[dict]) -> dict:
+    train = [{"step": e["step"], "loss": e["loss"]} for e in log_history if "loss" in e]
+    evals = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
+    return {"train": train, "eval": evals}
+
+
+def summarize(trainer, before: dict, after: dict, train_metrics: dict) -> dict:
+    history = _loss_history(trainer.state.log_history)
+    tokens = max([e.get("num_tokens", 0) for e in trainer.state.log_history] or [0])
+    runtime = train_metrics.get("train_runtime") or 0.0
+    return {
+        "global_step": trainer.state.global_step,
+        "eval_loss_before": before.get("eval_loss"),
+        "eval_loss_after": after.get("eval_loss"),
+        "train_loss_first": history["train"][0]["loss"] if history["train"] else None,
+        "train_loss_last": history["train"][-1]["loss"] if history["train"] else None,
+        "train_runtime_s": runtime,
+        "tokens_seen": tokens,
+        "tokens_per_second": tokens / runtime if runtime else None,
+        "history": history,
+    }
+
+
+def write_final(cfg: Config, trainer, tokenizer, prompts: list[dict], before: dict, after: dict, train_metrics: dict) -> dict:
+    """Write `final/` whole (never half) and return the summary the driver prints."""
+    summary = summarize(trainer, before, after, train_metrics)
+    samples = [
+        {
+            "prompt": tokenizer.decode(p["prompt_ids"], skip_special_tokens=True),
+            "reference": tokenizer.decode(p["reference_ids"], skip_special_tokens=False),
+            "before": b,
+            "after": a,
+        }
+        for p, b, a in zip(prompts, before.get("generations", []), after.get("generations", []))
+    ]
+    dest = storage.join(run_dir(cfg), "final")
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(f"{tmp}/config.yaml", "w") as f:
+            yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
+        storage.write_json(f"{tmp}/metrics.json", summary)
+        storage.write_json(f"{tmp}/samples.json", {"samples": samples})
+        storage.publish_dir(tmp, dest)
+    return {**summary, "final_dir": dest, "samples": samples}

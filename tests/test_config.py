@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import pytest
+
+from sft_ray.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = """
+name: x
+model: {path: some/model}
+data:
+  train: [{path: train.jsonl, format: instruction}]
+"""
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_config(path)
+    assert cfg.name
+    assert Path(cfg.storage.path).is_absolute()
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# ") and "--config jobs/configs/" + path.name in first_line
+
+
+def test_defaults_and_relative_paths_resolve(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(_write(tmp_path, BASE))
+    assert cfg.storage.path == str(tmp_path / "runs")
+    assert cfg.data.train[0].path == str(tmp_path / "train.jsonl")
+    assert cfg.model.path == "some/model"  # not a local folder: kept as a hub id
+    assert cfg.quantization is None and cfg.lora.r == 8
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.learning_rat: unknown key"):
+        load_config(_write(tmp_path, BASE + "train: {learning_rat: 0.1}\n"))
+
+
+def test_unknown_top_level_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"modle: unknown key"):
+        load_config(_write(tmp_path, BASE + "modle: {}\n"))
+
+
+def test_bad_value_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.learning_rate: .*greater than 0"):
+        load_config(_write(tmp_path, BASE), ["train.learning_rate=-1"])
+    with pytest.raises(ConfigError, match=r"data\.train\.0\.format"):
+        load_config(_write(tmp_path, BASE.replace("format: instruction", "format: nope")))
+    with pytest.raises(ConfigError, match=r"scaling\.num_workers: .*integer"):
+        load_config(_write(tmp_path, BASE), ["scaling.num_workers=two"])
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(
+        _write(tmp_path, BASE),
+        ["train.learning_rate=1e-3", "scaling.num_workers=3", "lora.target_modules=[q_proj]", "name=y"],
+    )
+    assert cfg.train.learning_rate == 1e-3 and cfg.scaling.num_workers == 3
+    assert cfg.lora.target_modules == ["q_proj"] and cfg.name == "y"
+
+
+def test_override_syntax_and_sections(tmp_path):
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(_write(tmp_path, BASE), ["train.learning_rate"])
+    with pytest.raises(ConfigError, match="'name' is not a section"):
+        load_config(_write(tmp_path, BASE), ["name.x=1"])
+    with pytest.raises(ConfigError, match=r"storage\.nope: unknown key"):
+        load_config(_write(tmp_path, BASE), ["storage.nope=1"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "name: [unclosed\n"))
+    with pytest.raises(ConfigError, match=r"model: Field required"):
+        load_config(_write(tmp_path, "name: x\ndata: {train: [{path: a}]}\n"))
+
+
+def test_reserved_name(tmp_path):
+    with pytest.raises(ConfigError, match="reserved"):
+        load_config(_write(tmp_path, BASE), ["name=datasets"])
