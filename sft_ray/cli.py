@@ -38,8 +38,10 @@ def _print_summary(s: dict) -> None:
     print(f"eval loss   before {f(s.get('eval_loss_before'))}  after {f(s.get('eval_loss_after'))}")
     print(f"train loss  first  {f(s.get('train_loss_first'))}  last  {f(s.get('train_loss_last'))}")
     tps = s.get("tokens_per_second")
-    print(f"steps {s.get('global_step')}, {s.get('tokens_seen')} tokens in {s.get('train_runtime_s', 0):.1f}s"
-          f" = {tps or 0:.0f} tokens/s")
+    print(
+        f"steps {s.get('global_step')}, {s.get('tokens_seen')} tokens in {s.get('train_runtime_s', 0):.1f}s"
+        f" = {tps or 0:.0f} tokens/s"
+    )
     print(f"adapter     {s.get('final_dir')}")
     for i, sample in enumerate(s.get("samples", []), 1):
         print(f"\n--- held-out prompt {i} ---\n{sample['prompt']}")

@@ -60,7 +60,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def make_config(tmp_path: Path, model: Path, train: Path, eval_: Path | None = None, **sections):
+def make_config(tmp_path: Path, model: Path, train_file: Path, eval_file: Path | None = None, **sections):
     """A valid config tree for tests: tiny model, given data, storage under tmp_path."""
     from sft_ray.config import validate
 
@@ -68,8 +68,8 @@ def make_config(tmp_path: Path, model: Path, train: Path, eval_: Path | None = N
         "name": "t",
         "model": {"path": str(model), "dtype": "float32"},
         "data": {
-            "train": [{"path": str(train), "format": "instruction"}],
-            "eval": [{"path": str(eval_), "format": "instruction"}] if eval_ else [],
+            "train": [{"path": str(train_file), "format": "instruction"}],
+            "eval": [{"path": str(eval_file), "format": "instruction"}] if eval_file else [],
             "max_length": 128,
         },
         "storage": {"path": str(tmp_path / "storage")},

@@ -48,7 +48,9 @@ class Encoder:
         segments, errors = [], {}
         for i in range(n):
             try:
-                segments.append(render(parse(batch["raw"][i], bool(batch["bad_utf8"][i])), batch["format"][i]))
+                segments.append(
+                    render(parse(batch["raw"][i], bool(batch["bad_utf8"][i])), batch["format"][i])
+                )
             except BadRow as err:
                 errors[i] = err
                 segments.append([])

@@ -172,7 +172,9 @@ def check_trainable(manifest: dict, where: str, on_bad_row: str) -> None:
         )
     train = manifest["splits"]["train"]
     if train["trained_tokens"] == 0:
-        raise DataError(f"the train split has no trained tokens ({train['rows_read']} rows read); see {where}")
+        raise DataError(
+            f"the train split has no trained tokens ({train['rows_read']} rows read); see {where}"
+        )
 
 
 def prepare(cfg: Config, output: str | None = None) -> tuple[str, dict]:

@@ -7,7 +7,7 @@ JSON is parsed later, next to tokenization, so one malformed line can be reporte
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from sft_ray import storage
 

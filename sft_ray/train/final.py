@@ -14,14 +14,15 @@ def run_dir(cfg: Config) -> str:
     return storage.join(cfg.storage.path, cfg.name)
 
 
-def _loss_history(log_history: list[dict]) -> dict:
+def _loss_history(log_history: list[dict], eval_before: float | None) -> dict:
     train = [{"step": e["step"], "loss": e["loss"]} for e in log_history if "loss" in e]
-    evals = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
-    return {"train": train, "eval": evals}
+    evals = {0: eval_before} if eval_before is not None else {}
+    evals.update({e["step"]: e["eval_loss"] for e in log_history if "eval_loss" in e})  # one per step
+    return {"train": train, "eval": [{"step": s, "eval_loss": v} for s, v in sorted(evals.items())]}
 
 
 def summarize(trainer, before: dict, after: dict, train_metrics: dict) -> dict:
-    history = _loss_history(trainer.state.log_history)
+    history = _loss_history(trainer.state.log_history, before.get("eval_loss"))
     tokens = max([e.get("num_tokens", 0) for e in trainer.state.log_history] or [0])
     runtime = train_metrics.get("train_runtime") or 0.0
     return {
@@ -37,7 +38,9 @@ def summarize(trainer, before: dict, after: dict, train_metrics: dict) -> dict:
     }
 
 
-def write_final(cfg: Config, trainer, tokenizer, prompts: list[dict], before: dict, after: dict, train_metrics: dict) -> dict:
+def write_final(
+    cfg: Config, trainer, tokenizer, prompts: list[dict], before: dict, after: dict, train_metrics: dict
+) -> dict:
     """Write `final/` whole (never half) and return the summary the driver prints."""
     summary = summarize(trainer, before, after, train_metrics)
     samples = [

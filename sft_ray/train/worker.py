@@ -7,7 +7,6 @@ on the driver): Ray and Accelerate must not both shard, or each epoch sees a fra
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
@@ -38,7 +37,9 @@ def _report_callback():
                 path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
                 ckpt = ray.train.Checkpoint.from_directory(path)
             # A barrier: every rank reports, only rank 0 carries files, so storage gets one copy.
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{state.global_step:07d}")
+            ray.train.report(
+                metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{state.global_step:07d}"
+            )
 
     return RayReport()
 
@@ -115,7 +116,6 @@ def _sft_config(cfg: Config, output_dir: str, use_cpu: bool, has_eval: bool):
 
 def train_loop(loop_config: dict) -> dict:
     import ray.train
-    import torch
     from trl import SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -135,7 +135,12 @@ def train_loop(loop_config: dict) -> dict:
     eval_ds = _to_hf(eval_shard) if eval_shard is not None else None
 
     # Each rank on a node writes HF's local checkpoints into one folder; rank 0 uploads it.
-    output_dir = os.path.join(tempfile.gettempdir(), "sft-ray", cfg.name, ctx.get_run_name() if hasattr(ctx, "get_run_name") else "run")
+    output_dir = os.path.join(
+        tempfile.gettempdir(),
+        "sft-ray",
+        cfg.name,
+        ctx.get_run_name() if hasattr(ctx, "get_run_name") else "run",
+    )
     trainer = SFTTrainer(
         model=model,
         args=_sft_config(cfg, output_dir, use_cpu, eval_ds is not None),
@@ -143,7 +148,9 @@ def train_loop(loop_config: dict) -> dict:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
-        data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=8),
+        data_collator=DataCollatorForLanguageModeling(
+            pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=8
+        ),
         callbacks=[_report_callback()],
     )
 

@@ -4,18 +4,67 @@ import json
 import random
 from pathlib import Path
 
-SUBJECTS = ["The food", "The staff", "The service", "The room", "The pasta", "The pizza", "The coffee",
-            "The movie", "The book", "The music", "The hotel", "The flight", "The seat", "The phone",
-            "The battery", "The delivery", "The waiter", "The plot", "The ending", "The camera",
-            "The sound", "The view", "The bed", "The breakfast"]
+SUBJECTS = [
+    "The food",
+    "The staff",
+    "The service",
+    "The room",
+    "The pasta",
+    "The pizza",
+    "The coffee",
+    "The movie",
+    "The book",
+    "The music",
+    "The hotel",
+    "The flight",
+    "The seat",
+    "The phone",
+    "The battery",
+    "The delivery",
+    "The waiter",
+    "The plot",
+    "The ending",
+    "The camera",
+    "The sound",
+    "The view",
+    "The bed",
+    "The breakfast",
+]
 VERBS = ["was", "felt", "seemed", "looked", "tasted", "sounded"]
-POSITIVE = ["wonderful", "great", "excellent", "lovely", "amazing", "delicious", "friendly",
-            "comfortable", "fast", "beautiful", "perfect", "brilliant"]
-NEGATIVE = ["terrible", "awful", "horrible", "bland", "rude", "dirty", "slow", "boring", "broken",
-            "noisy", "cold", "disappointing"]
+POSITIVE = [
+    "wonderful",
+    "great",
+    "excellent",
+    "lovely",
+    "amazing",
+    "delicious",
+    "friendly",
+    "comfortable",
+    "fast",
+    "beautiful",
+    "perfect",
+    "brilliant",
+]
+NEGATIVE = [
+    "terrible",
+    "awful",
+    "horrible",
+    "bland",
+    "rude",
+    "dirty",
+    "slow",
+    "boring",
+    "broken",
+    "noisy",
+    "cold",
+    "disappointing",
+]
 ADVERBS = ["", "", "very ", "really ", "quite ", "always "]
-QUESTIONS = ["Classify the sentiment of this review.", "Is this review positive or negative?",
-             "What is the sentiment of the text?"]
+QUESTIONS = [
+    "Classify the sentiment of this review.",
+    "Is this review positive or negative?",
+    "What is the sentiment of the text?",
+]
 
 
 def clause(rng, words):

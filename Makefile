@@ -1,0 +1,41 @@
+# The few targets people type. Everything installs into .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On a machine without an NVIDIA GPU, install the CPU build of torch first so that the
+# dependency `torch>=2.6` is already met and no CUDA packages are pulled in. With a GPU,
+# pip picks the default (CUDA) build.
+CPU_TORCH ?= torch==2.13.0
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+
+.PHONY: install demo test lint format clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+ifneq ($(HAS_GPU),yes)
+	$(PY) -m pip install -q "$(CPU_TORCH)"
+endif
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+models/tiny/config.json: | install
+	$(VENV)/bin/sft-ray tiny-model models/tiny
+
+demo: install models/tiny/config.json
+	$(VENV)/bin/sft-ray train --config jobs/configs/demo.yaml
+
+test: install
+	$(VENV)/bin/pytest -q --durations=10
+
+lint: install
+	$(VENV)/bin/ruff check sft_ray jobs tests
+	$(VENV)/bin/ruff format --check sft_ray jobs tests
+
+format: install
+	$(VENV)/bin/ruff format sft_ray jobs tests
+	$(VENV)/bin/ruff check --fix sft_ray jobs tests
+
+clean:
+	rm -rf runs models

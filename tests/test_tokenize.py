@@ -1,0 +1,107 @@
+"""Token-exact masks: the trained tokens decode to exactly the response + EOS, the rest to the prompt."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sft_ray.data.formats import BadRow, Segment, instruction, render
+from sft_ray.data.tokenize import IGNORE, encode_batch, special_ids
+
+EOS = "<|im_end|>"
+
+
+def _encode(tokenizer, record, max_length=512):
+    [enc] = encode_batch(tokenizer, [render(record, "instruction")], special_ids(tokenizer), max_length)
+    return enc
+
+
+def _split_decode(tokenizer, enc):
+    trained = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE]
+    rest = [t for t, lab in zip(enc.input_ids, enc.labels) if lab == IGNORE]
+    return tokenizer.decode(trained), tokenizer.decode(rest)
+
+
+def test_instruction_template_exact():
+    assert instruction({"question": "Q?", "input": "", "output": "A"}) == [
+        Segment("### Question\nQ?\n\n### Output\n", False),
+        Segment("A", True),
+    ]
+    assert instruction({"question": "Q?", "input": "ctx", "output": "A"})[0].text == (
+        "### Question\nQ?\n\n### Input\nctx\n\n### Output\n"
+    )
+
+
+def test_labels_equal_ids_on_response_and_eos(tokenizer):
+    enc = _encode(tokenizer, {"question": "What is it?", "output": "positive"})
+    trained, rest = _split_decode(tokenizer, enc)
+    assert trained == "positive" + EOS
+    assert rest == "<s>### Question\nWhat is it?\n\n### Output\n"
+    assert enc.input_ids[0] == tokenizer.bos_token_id and enc.labels[0] == IGNORE
+    assert enc.input_ids[-1] == enc.labels[-1] == tokenizer.eos_token_id
+    # Labels are a contiguous suffix: once training starts it does not stop.
+    first = next(i for i, lab in enumerate(enc.labels) if lab != IGNORE)
+    assert all(lab == t for lab, t in zip(enc.labels[first:], enc.input_ids[first:]))
+    assert all(lab == IGNORE for lab in enc.labels[:first])
+
+
+def test_question_containing_the_output_marker(tokenizer):
+    record = {"question": "Explain:\n### Output\nfake answer", "input": "### Output\n", "output": "real"}
+    trained, rest = _split_decode(tokenizer, _encode(tokenizer, record))
+    assert trained == "real" + EOS
+    assert (
+        rest
+        == "<s>### Question\nExplain:\n### Output\nfake answer\n\n### Input\n### Output\n\n\n### Output\n"
+    )
+
+
+def test_non_ascii(tokenizer):
+    record = {
+        "question": "Übersetze: 猫は可愛い 😺",
+        "input": "émoji → ✓",
+        "output": "Die Katze ist süß 🐈‍⬛",
+    }
+    trained, rest = _split_decode(tokenizer, _encode(tokenizer, record))
+    assert trained == "Die Katze ist süß 🐈‍⬛" + EOS
+    assert rest == "<s>### Question\nÜbersetze: 猫は可愛い 😺\n\n### Input\némoji → ✓\n\n### Output\n"
+
+
+def test_truncation_cuts_the_response_end_then_drops(tokenizer):
+    record = {"question": "q", "output": "a long response " * 10}
+    full = _encode(tokenizer, record)
+    prompt_len = sum(1 for lab in full.labels if lab == IGNORE)
+    cut = _encode(tokenizer, record, max_length=prompt_len + 3)
+    assert cut.truncated and len(cut.input_ids) == prompt_len + 3
+    assert cut.input_ids == full.input_ids[: prompt_len + 3] and cut.labels == full.labels[: prompt_len + 3]
+    assert _encode(tokenizer, record, max_length=prompt_len) == "no_trained_tokens_after_truncation"
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ({"input": "x", "output": "y"}, "missing_field"),
+        ({"question": "x"}, "missing_field"),
+        ({"question": 3, "output": "y"}, "wrong_type"),
+        ({"question": "x", "output": ""}, "empty_response"),
+        (["not", "an", "object"], "not_an_object"),
+    ],
+)
+def test_bad_records(record, reason):
+    with pytest.raises(BadRow) as err:
+        render(record, "instruction")
+    assert err.value.reason == reason
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    question=st.text(min_size=0, max_size=60),
+    extra=st.text(max_size=40),
+    output=st.text(min_size=1, max_size=60),
+)
+def test_mask_is_exact_for_any_text(tokenizer, question, extra, output):
+    record = {"question": question, "input": extra, "output": output}
+    enc = _encode(tokenizer, record, max_length=100_000)
+    trained, rest = _split_decode(tokenizer, enc)
+    assert trained == output + EOS
+    prompt = f"### Question\n{question}\n\n" + (f"### Input\n{extra}\n\n" if extra else "") + "### Output\n"
+    assert rest == "<s>" + prompt
+    assert len(enc.input_ids) == len(enc.labels)
