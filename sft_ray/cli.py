@@ -39,7 +39,7 @@ def _print_summary(s: dict) -> None:
     print(f"train loss  first  {f(s.get('train_loss_first'))}  last  {f(s.get('train_loss_last'))}")
     tps = s.get("tokens_per_second")
     print(
-        f"steps {s.get('global_step')}, {s.get('tokens_seen')} tokens in {s.get('train_runtime_s', 0):.1f}s"
+        f"steps {s.get('global_step')}, {int(s.get('tokens_seen') or 0)} tokens in {s.get('train_runtime_s', 0):.1f}s"
         f" = {tps or 0:.0f} tokens/s"
     )
     print(f"adapter     {s.get('final_dir')}")
