@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -42,16 +42,35 @@ class LoraConfig(_Strict):
     target_modules: list[str] | Literal["all-linear"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+Format = Literal["instruction", "alpaca", "prompt_completion", "messages", "text"]
+
+
 class DatasetSource(_Strict):
-    path: str
-    format: Literal["instruction"] = "instruction"
+    path: str  # .jsonl, .json, .parquet (file or folder), HF save_to_disk folder; local, NFS or s3://
+    format: Format = "instruction"
+    fields: dict[str, str] = {}  # the format's field name -> this dataset's column name
+    weight: float = Field(1.0, gt=0)  # train mixing: 2.0 repeats every row twice, 0.5 keeps a seeded half
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"  # messages only
 
 
 class DataConfig(_Strict):
     train: list[DatasetSource] = Field(min_length=1)
     eval: list[DatasetSource] = []
+    eval_fraction: float = Field(0.0, ge=0, lt=1)  # carve eval rows out of train (seeded) when eval is empty
     max_length: int = Field(512, gt=1)
+    packing: bool = False
+    chat_template: str | None = None  # a Jinja file used instead of the tokenizer's own template
     on_bad_row: Literal["error", "skip"] = "error"
+    max_dropped_fraction: float = Field(0.05, ge=0, le=1)  # refuse to train when more rows were dropped
+    seed: int = 42  # eval carving and weighted sampling
+
+    @model_validator(mode="after")
+    def _one_eval_source(self):
+        if self.eval and self.eval_fraction:
+            raise ValueError(
+                "set either data.eval (files) or data.eval_fraction (carved from train), not both"
+            )
+        return self
 
 
 class TrainConfig(_Strict):
@@ -144,6 +163,8 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     cfg.storage.path = local(cfg.storage.path)
     for src in cfg.data.train + cfg.data.eval:
         src.path = local(src.path)
+    if cfg.data.chat_template:
+        cfg.data.chat_template = local(cfg.data.chat_template)
     # A model path that exists locally is a folder; anything else stays a hub id.
     if (base / cfg.model.path).exists():
         cfg.model.path = str((base / cfg.model.path).resolve())

@@ -38,7 +38,42 @@ def tokenizer(tiny_model):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def s3_server():
+    """A real S3-protocol server (moto) on 127.0.0.1; credentials and endpoint reach Ray's
+    workers through the environment, as on a real cluster, so it starts before Ray does."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing-key",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    import boto3
+
+    name = "sft-" + request.node.name.lower().replace("_", "-")[:40]
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
     """One embedded Ray for the whole session, started and stopped here and nowhere else."""
     os.environ.pop("RAY_ADDRESS", None)  # never reach a cluster the developer happens to have
     import ray
@@ -60,16 +95,20 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def make_config(tmp_path: Path, model: Path, train_file: Path, eval_file: Path | None = None, **sections):
-    """A valid config tree for tests: tiny model, given data, storage under tmp_path."""
+def make_config(tmp_path: Path, model: Path, train_file, eval_file=None, **sections):
+    """A valid config tree for tests: tiny model, given data (paths or source dicts), storage under tmp_path."""
     from sft_ray.config import validate
+
+    def sources(x):
+        items = x if isinstance(x, list) else [x]
+        return [i if isinstance(i, dict) else {"path": str(i), "format": "instruction"} for i in items]
 
     tree = {
         "name": "t",
         "model": {"path": str(model), "dtype": "float32"},
         "data": {
-            "train": [{"path": str(train_file), "format": "instruction"}],
-            "eval": [{"path": str(eval_file), "format": "instruction"}] if eval_file else [],
+            "train": sources(train_file),
+            "eval": sources(eval_file) if eval_file else [],
             "max_length": 128,
         },
         "storage": {"path": str(tmp_path / "storage")},

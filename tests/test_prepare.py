@@ -1,4 +1,4 @@
-"""Data preparation on a real local Ray: parquet + manifest, drops, bad rows, cache reuse."""
+"""Data preparation on a real local Ray: sources, formats, bad input, mixing, packing, cache, s3://."""
 
 import glob
 import json
@@ -12,6 +12,23 @@ ROWS = [
     {"question": f"Question {i}?", "input": "ctx" if i % 2 else "", "output": f"answer {i}"}
     for i in range(30)
 ]
+CHAT = [
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"Say {i}"},
+            {"role": "assistant", "content": f"{i}"},
+        ]
+    }
+    for i in range(10)
+]
+
+
+def _trained_texts(tokenizer, table):
+    out = []
+    for seq, lab in zip(table["input_ids"].to_pylist(), table["labels"].to_pylist()):
+        out.append(tokenizer.decode([t for t, x in zip(seq, lab) if x != -100]))
+    return out
 
 
 def test_prepare_writes_parquet_and_manifest(tmp_path, tiny_model, tokenizer, ray_local):
@@ -27,54 +44,206 @@ def test_prepare_writes_parquet_and_manifest(tmp_path, tiny_model, tokenizer, ra
 
     on_disk = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
     assert on_disk["splits"] == manifest["splits"]
-    train_stats = manifest["splits"]["train"]
-    assert train_stats["rows_read"] == 31 and train_stats["rows_written"] == 30
-    assert train_stats["rows_dropped"] == {"no_trained_tokens_after_truncation": 1}
+    stats = manifest["splits"]["train"]
+    assert (stats["rows_read"], stats["rows_kept"], stats["rows_written"]) == (31, 30, 30)
+    assert stats["rows_dropped"] == {"no_trained_tokens_after_truncation": 1}
     assert manifest["splits"]["eval"]["rows_written"] == 5
+    assert sum(b["rows"] for b in stats["length_histogram"]) == 30
 
     table = pq.read_table(f"{out}/train")
     assert table.schema.field("input_ids").type == pa.list_(pa.int32())
     assert table.column_names == ["input_ids", "labels"]
-    ids, labels = table["input_ids"].to_pylist(), table["labels"].to_pylist()
-    assert train_stats["tokens"] == sum(map(len, ids))
-    assert train_stats["trained_tokens"] == sum(sum(1 for x in lab if x != -100) for lab in labels)
+    assert stats["tokens"] == sum(map(len, table["input_ids"].to_pylist()))
+    assert stats["trained_tokens"] == sum(
+        sum(1 for x in lab if x != -100) for lab in table["labels"].to_pylist()
+    )
     # Order is kept, and each row's trained tokens are exactly its answer + EOS.
-    for row, seq, lab in zip(ROWS, ids, labels):
-        trained = [t for t, x in zip(seq, lab) if x != -100]
-        assert tokenizer.decode(trained) == row["output"] + "<|im_end|>"
+    assert _trained_texts(tokenizer, table) == [r["output"] + "<|im_end|>" for r in ROWS]
+    layout = manifest["layout"]
+    assert layout["real_tokens"] == stats["tokens"] and layout["computed_tokens"] >= layout["real_tokens"]
 
     hf = datasets.load_dataset("parquet", data_files=glob.glob(f"{out}/train/*.parquet"))["train"]
-    assert hf.num_rows == 30 and hf[0]["input_ids"] == ids[0]
+    assert hf.num_rows == 30 and hf[0]["input_ids"] == table["input_ids"][0].as_py()
 
 
-def test_bad_row_names_file_and_line(tmp_path, tiny_model, ray_local):
-    train = write_jsonl(tmp_path / "train.jsonl", ROWS[:3] + ['{"question": "x", "output": '] + ROWS[3:6])
-    cfg = make_config(tmp_path, tiny_model, train)
-    with pytest.raises(DataError, match=rf"{train}:4: malformed JSON"):
+def test_every_source_kind_and_format_mixed_with_weights(tmp_path, tiny_model, tokenizer, ray_local):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    alpaca = [{"instruction": f"Do {i}", "input": "", "output": f"done {i}"} for i in range(8)]
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca))  # a JSON array
+    pc_rows = [{"p": f"P{i}", "c": f"C{i}"} for i in range(6)]
+    pq.write_table(pa.Table.from_pylist(pc_rows), tmp_path / "pc.parquet", row_group_size=4)
+    datasets.Dataset.from_list(CHAT).save_to_disk(str(tmp_path / "chat_hf"))
+    write_jsonl(tmp_path / "text.json", [{"text": f"plain {i}"} for i in range(4)])  # JSON lines named .json
+    cfg = make_config(
+        tmp_path,
+        tiny_model,
+        [
+            {"path": str(tmp_path / "alpaca.json"), "format": "alpaca", "weight": 0.5},
+            {
+                "path": str(tmp_path / "pc.parquet"),
+                "format": "prompt_completion",
+                "fields": {"prompt": "p", "completion": "c"},
+                "weight": 2.0,
+            },
+            {"path": str(tmp_path / "chat_hf"), "format": "messages"},
+            {"path": str(tmp_path / "text.json"), "format": "text"},
+        ],
+    )
+    out, manifest = prepare(cfg)
+    assert [s["rows_kept"] for s in manifest["sources"]] == [8, 6, 10, 4]
+    trained = _trained_texts(tokenizer, pq.read_table(f"{out}/train"))
+    kept_alpaca = [t for t in trained if t.startswith("done")]
+    assert 0 < len(kept_alpaca) < 8 and len(set(kept_alpaca)) == len(kept_alpaca)  # a seeded part, no repeats
+    for i in range(6):
+        assert trained.count(f"C{i}<|im_end|>") == 2  # weight 2: every row twice
+    assert sorted(t for t in trained if t[0].isdigit()) == sorted(f"{i}<|im_end|>" for i in range(10))
+    assert sorted(t for t in trained if t.startswith("plain")) == [f"plain {i}<|im_end|>" for i in range(4)]
+    assert manifest["splits"]["train"]["rows_written"] == len(kept_alpaca) + 12 + 10 + 4
+
+
+BAD_ROWS = [
+    ('{"question": "x", "output": ', "malformed_json"),
+    ('{"output": "y"}', "missing_field"),
+    ('{"question": 1, "output": "y"}', "wrong_type"),
+    ('{"question": "x", "output": ""}', "empty_response"),
+]
+BAD_CHATS = [
+    (
+        {"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        "unknown_role",
+    ),
+    ({"messages": [{"role": "user", "content": "x"}]}, "no_assistant_turn"),
+]
+
+
+def _bad_files(tmp_path):
+    instr = tmp_path / "instr.jsonl"
+    lines = [json.dumps(r).encode() for r in ROWS[:20]]
+    lines[3:3] = [raw.encode() for raw, _ in BAD_ROWS]
+    lines.insert(10, b'{"question": "caf\xe9", "output": "latin-1 bytes"}')  # line 11: not UTF-8
+    instr.write_bytes(b"\n".join(lines) + b"\n")
+    chat = write_jsonl(tmp_path / "chat.jsonl", CHAT + [r for r, _ in BAD_CHATS])
+    return instr, chat
+
+
+def test_bad_rows_stop_with_file_and_line(tmp_path, tiny_model, ray_local):
+    instr, chat = _bad_files(tmp_path)
+    cfg = make_config(tmp_path, tiny_model, [instr, {"path": str(chat), "format": "messages"}])
+    with pytest.raises(DataError) as err:
         prepare(cfg)
-    cfg.data.on_bad_row = "skip"
-    _, manifest = prepare(cfg)  # same data, same cache entry: the counts are in its manifest
-    assert manifest["splits"]["train"]["rows_dropped"] == {"malformed_json": 1}
-    assert manifest["splits"]["train"]["rows_written"] == 6
+    msg = str(err.value)
+    assert "1 x empty_response, 1 x invalid_utf8, 1 x malformed_json, 1 x missing_field" in msg
+    assert "1 x no_assistant_turn" in msg and "1 x unknown_role" in msg
+    assert f"{instr}:4: malformed JSON" in msg and f"{instr}:5: missing field 'question'" in msg
+    assert "data.on_bad_row=skip" in msg
 
 
-def test_all_rows_untrainable_is_refused(tmp_path, tiny_model, ray_local):
+def test_bad_rows_skipped_and_counted(tmp_path, tiny_model, ray_local):
+    instr, chat = _bad_files(tmp_path)
+    cfg = make_config(
+        tmp_path,
+        tiny_model,
+        [instr, {"path": str(chat), "format": "messages"}],
+        data={"on_bad_row": "skip", "max_dropped_fraction": 0.3},
+    )
+    _, manifest = prepare(cfg)
+    stats = manifest["splits"]["train"]
+    assert stats["rows_dropped"] == {
+        "empty_response": 1,
+        "invalid_utf8": 1,
+        "malformed_json": 1,
+        "missing_field": 1,
+        "no_assistant_turn": 1,
+        "unknown_role": 1,
+        "wrong_type": 1,
+    }
+    assert stats["rows_read"] == 20 + 5 + 12 and stats["rows_written"] == 30
+    assert any(f"{instr}:11: not valid UTF-8" in e for e in manifest["example_errors"])
+    # The same data with a stricter drop limit is refused, naming the limit.
+    cfg.data.max_dropped_fraction = 0.1
+    with pytest.raises(DataError, match=r"7 of 37 rows \(18.9%\) were dropped.*max_dropped_fraction=0.1"):
+        prepare(cfg)
+
+
+def test_zero_trained_tokens_is_refused(tmp_path, tiny_model, ray_local):
     train = write_jsonl(tmp_path / "train.jsonl", [{"question": "word " * 200, "output": "x"}] * 3)
-    with pytest.raises(DataError, match="no trained tokens"):
-        prepare(make_config(tmp_path, tiny_model, train))
+    with pytest.raises(DataError, match="the train split has no trained tokens"):
+        prepare(make_config(tmp_path, tiny_model, train, data={"max_dropped_fraction": 1.0}))
 
 
-def test_cache_reuse_and_invalidation(tmp_path, tiny_model, ray_local, capsys):
+def test_eval_carved_from_train_and_packing(tmp_path, tiny_model, tokenizer, ray_local):
+    import pyarrow.parquet as pq
+
+    rows = [{"question": f"Q{i} " + "pad " * (i % 7), "output": f"A{i}"} for i in range(200)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = make_config(tmp_path, tiny_model, train, data={"eval_fraction": 0.2, "packing": True})
+    out, manifest = prepare(cfg)
+    n_eval = manifest["splits"]["eval"]["rows_written"]
+    assert 20 <= n_eval <= 60 and manifest["splits"]["train"]["rows_kept"] == 200 - n_eval
+    packed = pq.read_table(f"{out}/train")
+    assert packed.column_names == ["input_ids", "labels", "position_ids"]
+    examples = []
+    for ids, labs, pos in zip(*(packed[c].to_pylist() for c in packed.column_names)):
+        assert len(ids) <= 128
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+        examples += [
+            tokenizer.decode([t for t, x in zip(ids[a:b], labs[a:b]) if x != -100])
+            for a, b in zip(starts, starts[1:])
+        ]
+    evals = _trained_texts(tokenizer, pq.read_table(f"{out}/eval"))
+    assert sorted(examples + evals) == sorted(f"A{i}<|im_end|>" for i in range(200))  # each once, whole
+    layout = manifest["layout"]
+    assert layout["packing"] and layout["rows"] == packed.num_rows
+    assert layout["real_tokens"] == manifest["splits"]["train"]["tokens"]
+    assert layout["real_fraction"] > 0.95
+    # The carve is seeded: another seed, another split.
+    cfg.data.seed = 7
+    _, other = prepare(cfg)
+    assert other["splits"]["eval"]["rows_written"] != n_eval or cache_key(cfg) != out.rsplit("/", 1)[1]
+
+
+def test_cache_reuse_invalidation_and_crash_safety(tmp_path, tiny_model, ray_local, capsys):
     train = write_jsonl(tmp_path / "train.jsonl", ROWS)
     cfg = make_config(tmp_path, tiny_model, train)
+    key = cache_key(cfg)
+    datasets_dir = tmp_path / "storage" / "datasets"
+    # What a crash leaves behind: a half-written folder aside and a folder without its manifest.
+    (datasets_dir / f"{key}.tmp-deadbeef" / "train").mkdir(parents=True)
+    (datasets_dir / key / "train").mkdir(parents=True)
+    (datasets_dir / key / "train" / "partial.parquet").write_bytes(b"PAR1 half")
     first, _ = prepare(cfg)
+    assert "reusing" not in capsys.readouterr().out
+    assert sorted(p.name for p in (datasets_dir / key / "train").iterdir()) != ["partial.parquet"]
     again, _ = prepare(cfg)
     assert again == first and "reusing" in capsys.readouterr().out
-    datasets_dir = tmp_path / "storage" / "datasets"
-    assert [p.name for p in datasets_dir.iterdir()] == [cache_key(cfg)]  # no temporary leftovers
 
     cfg.data.max_length = 64
-    assert cache_key(cfg) != first.rsplit("/", 1)[1]
-    write_jsonl(train, ROWS[:-1])
+    assert cache_key(cfg) != key
     cfg.data.max_length = 128
-    assert cache_key(cfg) != first.rsplit("/", 1)[1]  # changed file contents, new key
+    cfg.data.packing = True
+    assert cache_key(cfg) != key
+    cfg.data.packing = False
+    cfg.data.train[0].fields = {"question": "question"}
+    assert cache_key(cfg) != key
+    cfg.data.train[0].fields = {}
+    write_jsonl(train, ROWS[:-1])
+    assert cache_key(cfg) != key  # changed file contents, new key
+    write_jsonl(train, ROWS)
+    assert cache_key(cfg) == key
+
+
+def test_reads_from_s3(tmp_path, tiny_model, tokenizer, ray_local, s3_bucket):
+    import boto3
+    import pyarrow.parquet as pq
+
+    body = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="data/train.jsonl", Body=body)
+    cfg = make_config(tmp_path, tiny_model, f"s3://{s3_bucket}/data/train.jsonl")
+    out, manifest = prepare(cfg)
+    assert manifest["splits"]["train"]["rows_written"] == 30
+    assert _trained_texts(tokenizer, pq.read_table(f"{out}/train")) == [
+        r["output"] + "<|im_end|>" for r in ROWS
+    ]

@@ -4,14 +4,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sft_ray.data.formats import BadRow, Segment, instruction, render
+from sft_ray.data.formats import BadRow, Example, Segment, instruction, render_record
 from sft_ray.data.tokenize import IGNORE, encode_batch, special_ids
 
 EOS = "<|im_end|>"
 
 
 def _encode(tokenizer, record, max_length=512):
-    [enc] = encode_batch(tokenizer, [render(record, "instruction")], special_ids(tokenizer), max_length)
+    [enc] = encode_batch(
+        tokenizer, [render_record(record, "instruction")], special_ids(tokenizer), max_length
+    )
     return enc
 
 
@@ -22,11 +24,10 @@ def _split_decode(tokenizer, enc):
 
 
 def test_instruction_template_exact():
-    assert instruction({"question": "Q?", "input": "", "output": "A"}) == [
-        Segment("### Question\nQ?\n\n### Output\n", False),
-        Segment("A", True),
-    ]
-    assert instruction({"question": "Q?", "input": "ctx", "output": "A"})[0].text == (
+    assert instruction({"question": "Q?", "input": "", "output": "A"}, {}) == Example(
+        [Segment("### Question\nQ?\n\n### Output\n", False), Segment("A", True)]
+    )
+    assert instruction({"question": "Q?", "input": "ctx", "output": "A"}, {}).segments[0].text == (
         "### Question\nQ?\n\n### Input\nctx\n\n### Output\n"
     )
 
@@ -87,7 +88,7 @@ def test_truncation_cuts_the_response_end_then_drops(tokenizer):
 )
 def test_bad_records(record, reason):
     with pytest.raises(BadRow) as err:
-        render(record, "instruction")
+        render_record(record, "instruction")
     assert err.value.reason == reason
 
 

@@ -1,4 +1,4 @@
-"""The Ray Data actor that turns raw rows into token ids and labels (tokenizer loaded once per actor)."""
+"""The Ray Data actor that turns raw records into token ids and labels (tokenizer loaded once per actor)."""
 
 from __future__ import annotations
 
@@ -7,78 +7,115 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from sft_ray.data.formats import BadRow, render
+from sft_ray.data.formats import BadRow, render_record, turn_affixes
 from sft_ray.data.tokenize import Encoded, encode_batch, special_ids
 
 SCHEMA = pa.schema(
     [
         ("split", pa.string()),
-        ("source", pa.string()),
-        ("line", pa.int64()),
+        ("spec", pa.int32()),
+        ("where", pa.string()),
         ("input_ids", pa.list_(pa.int32())),
         ("labels", pa.list_(pa.int32())),
         ("n_tokens", pa.int64()),
         ("n_trained", pa.int64()),
         ("truncated", pa.bool_()),
         ("drop_reason", pa.string()),  # "" when the row is kept
-        ("error", pa.string()),  # human-readable "file:line: reason" for dropped bad rows
+        ("error", pa.string()),  # "where: reason" for dropped rows
     ]
 )
 
 
-def parse(raw: str, bad_utf8: bool) -> dict:
+def parse(raw: str, bad_utf8: bool) -> object:
     if bad_utf8:
-        raise BadRow("invalid_utf8", "line is not valid UTF-8")
+        raise BadRow("invalid_utf8", "not valid UTF-8")
     try:
         return json.loads(raw)
     except json.JSONDecodeError as err:
         raise BadRow("malformed_json", f"malformed JSON: {err}") from None
 
 
+def chat_renderer(tokenizer, template: str | None):
+    """(messages, add_generation_prompt) -> text, through the given or the tokenizer's template."""
+    template = template or tokenizer.chat_template
+    if not template:
+        raise ValueError(
+            "format 'messages' needs a chat template: the tokenizer has none; set data.chat_template"
+        )
+
+    def render(msgs: list[dict], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+        )
+
+    return render
+
+
 class Encoder:
-    def __init__(self, model_path: str, trust_remote_code: bool, max_length: int):
+    def __init__(
+        self,
+        specs: list[dict],
+        model_path: str,
+        trust_remote_code: bool,
+        max_length: int,
+        chat_template: str | None,
+    ):
         from sft_ray.model import load_tokenizer
 
+        self.specs = specs
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.special = special_ids(self.tokenizer)
         self.max_length = max_length
+        self.chat = None
+        if any(s["format"] == "messages" for s in specs):
+            render = chat_renderer(self.tokenizer, chat_template)
+            self.chat = (render, turn_affixes(render))
+
+    def _example(self, raw: str, bad_utf8: bool, spec: dict):
+        try:
+            return render_record(
+                parse(raw, bad_utf8), spec["format"], spec["fields"], self.chat, spec["train_on"]
+            )
+        except BadRow:
+            raise
+        except Exception as err:  # a template that raises on this conversation (e.g. role order)
+            raise BadRow("template_error", f"chat template failed: {err}") from None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["raw"])
-        segments, errors = [], {}
+        examples, errors = [], {}
         for i in range(n):
             try:
-                segments.append(
-                    render(parse(batch["raw"][i], bool(batch["bad_utf8"][i])), batch["format"][i])
+                examples.append(
+                    self._example(
+                        batch["raw"][i], bool(batch["bad_utf8"][i]), self.specs[int(batch["spec"][i])]
+                    )
                 )
             except BadRow as err:
                 errors[i] = err
-                segments.append([])
-        encoded = encode_batch(self.tokenizer, [s for s in segments if s], self.special, self.max_length)
-        it = iter(encoded)
+        encoded = iter(encode_batch(self.tokenizer, examples, self.special, self.max_length))
         cols: dict[str, list] = {name: [] for name in SCHEMA.names}
         for i in range(n):
-            enc = None if i in errors else next(it)
+            enc = None if i in errors else next(encoded)
             cols["split"].append(batch["split"][i])
-            cols["source"].append(batch["source"][i])
-            cols["line"].append(int(batch["line"][i]))
+            cols["spec"].append(int(batch["spec"][i]))
+            cols["where"].append(batch["where"][i])
             if isinstance(enc, Encoded):
-                n_trained = sum(1 for x in enc.labels if x != -100)
                 cols["input_ids"].append(enc.input_ids)
                 cols["labels"].append(enc.labels)
                 cols["n_tokens"].append(len(enc.input_ids))
-                cols["n_trained"].append(n_trained)
+                cols["n_trained"].append(sum(1 for x in enc.labels if x != -100))
                 cols["truncated"].append(enc.truncated)
                 cols["drop_reason"].append("")
                 cols["error"].append("")
-            else:
-                reason = errors[i].reason if i in errors else enc
-                detail = str(errors[i]) if i in errors else reason.replace("_", " ")
-                cols["input_ids"].append([])
-                cols["labels"].append([])
-                cols["n_tokens"].append(0)
-                cols["n_trained"].append(0)
-                cols["truncated"].append(False)
-                cols["drop_reason"].append(reason)
-                cols["error"].append(f"{batch['source'][i]}:{int(batch['line'][i])}: {detail}")
+                continue
+            reason = errors[i].reason if i in errors else enc
+            detail = str(errors[i]) if i in errors else reason.replace("_", " ")
+            cols["input_ids"].append([])
+            cols["labels"].append([])
+            cols["n_tokens"].append(0)
+            cols["n_trained"].append(0)
+            cols["truncated"].append(False)
+            cols["drop_reason"].append(reason)
+            cols["error"].append(f"{batch['where'][i]}: {detail}")
         return pa.table(cols, schema=SCHEMA)

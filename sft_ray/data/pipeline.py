@@ -1,15 +1,17 @@
-"""The Ray Data preparation: sources -> chunks -> rows -> tokenize+mask (actors) -> parquet + manifest.
+"""The Ray Data preparation: sources -> chunks -> records -> tokenize+mask (actors) -> [pack] -> parquet.
 
-Output folder layout: `train/*.parquet`, `eval/*.parquet` (int32 list columns `input_ids`,
-`labels`) and `manifest.json`, written last, which marks the folder as complete.
+Output folder: `train/*.parquet`, `eval/*.parquet` (int32 list columns `input_ids`, `labels`, and
+`position_ids` when packed) and `manifest.json`, written last. Locally the folder is built aside
+and renamed into place, so a crashed preparation is never taken for a finished one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
+import math
 import os
+import random
 import shutil
 import time
 import uuid
@@ -17,15 +19,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from sft_ray import storage
 from sft_ray.config import Config
-from sft_ray.data.sources import plan_chunks, read_chunk
-
-log = logging.getLogger(__name__)
+from sft_ray.data.sources import plan_chunks, read_chunk, unit_hash
 
 # Bump when the output of preparation changes for the same inputs (invalidates the cache).
-PREP_VERSION = 1
+PREP_VERSION = 2
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -35,14 +36,34 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
+PACK_BLOCK_ROWS = 8192  # examples packed together; large enough for ~99% fill, small enough to stream
+SPLITS = ("train", "eval")
 
 
 class DataError(ValueError):
     """Prepared data that must not be trained on, or input that cannot be prepared."""
 
 
-def _file_digest(uri: str) -> str:
+def specs(cfg: Config) -> list[dict]:
+    """Every source of every split, in a fixed order; rows refer to their source by index."""
+    return [{"split": split, **src.model_dump()} for split in SPLITS for src in getattr(cfg.data, split)]
+
+
+def _fingerprint(uri: str) -> str:
+    """Content hash for local files; size and mtime for object stores (no full download)."""
     fs, path = storage.filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        children = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        files = sorted(c.path for c in children if c.type == pafs.FileType.File)
+        prefix = path.rstrip("/") + "/"
+        return hashlib.sha256(
+            json.dumps(
+                [[f[len(prefix) :], _fingerprint(storage.join(uri, f[len(prefix) :]))] for f in files]
+            ).encode()
+        ).hexdigest()
+    if not storage.is_local(uri):
+        return f"{info.size}:{info.mtime_ns}"
     h = hashlib.sha256()
     with fs.open_input_stream(path) as f:
         while block := f.read(1 << 20):
@@ -51,22 +72,40 @@ def _file_digest(uri: str) -> str:
 
 
 def cache_key(cfg: Config) -> str:
-    """Hash of everything that changes the prepared rows: sources' bytes, formats, tokenizer, length."""
+    """Hash of everything that changes the prepared rows."""
     model_dir = Path(cfg.model.path)
     if model_dir.is_dir():
-        tokenizer = {n: _file_digest(str(model_dir / n)) for n in TOKENIZER_FILES if (model_dir / n).exists()}
+        tokenizer = {n: _fingerprint(str(model_dir / n)) for n in TOKENIZER_FILES if (model_dir / n).exists()}
     else:
         tokenizer = {"hub_id": cfg.model.path}
+    d = cfg.data
     parts = {
         "version": PREP_VERSION,
         "tokenizer": tokenizer,
-        "max_length": cfg.data.max_length,
-        "splits": {
-            split: [{**src.model_dump(), "path": _file_digest(src.path)} for src in getattr(cfg.data, split)]
-            for split in ("train", "eval")
-        },
+        "chat_template": _fingerprint(d.chat_template) if d.chat_template else None,
+        "sources": [{**s, "path": _fingerprint(s["path"])} for s in specs(cfg)],
+        "max_length": d.max_length,
+        "packing": d.packing,
+        "eval_fraction": d.eval_fraction,
+        "seed": d.seed,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_chat_template(cfg: Config) -> None:
+    """Fail before any Ray work when a `messages` dataset cannot be masked with this template."""
+    if not any(s.format == "messages" for s in cfg.data.train + cfg.data.eval):
+        return
+    from sft_ray.data.encode import chat_renderer
+    from sft_ray.data.formats import ChatTemplateError, turn_affixes
+    from sft_ray.model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    template = Path(cfg.data.chat_template).read_text() if cfg.data.chat_template else None
+    try:
+        turn_affixes(chat_renderer(tokenizer, template))
+    except (ChatTemplateError, ValueError) as err:
+        raise DataError(f"data: {err}") from None
 
 
 def _num_actors(n_chunks: int) -> int:
@@ -75,30 +114,26 @@ def _num_actors(n_chunks: int) -> int:
     return max(1, min(n_chunks, int(ray.cluster_resources().get("CPU", 1))))
 
 
-def _run(cfg: Config, out_dir: str) -> dict:
+def _encoded_rows(cfg: Config):
     import ray
 
     from sft_ray.data.encode import Encoder
 
-    chunks = [
-        c
-        for split in ("train", "eval")
-        for src in getattr(cfg.data, split)
-        for c in plan_chunks(src.path, split, src.format)
-    ]
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same inputs, same row order: needed for exact resume
-    ctx.enable_progress_bars = False
+    source_specs = specs(cfg)
+    chunks = [c for i, s in enumerate(source_specs) for c in plan_chunks(s["path"], i, s["split"])]
+    template = Path(cfg.data.chat_template).read_text() if cfg.data.chat_template else None
     # Actors take half a CPU each so the read tasks upstream always find one (stack-notes §8.4).
-    rows = (
+    return (
         ray.data.from_items(chunks, override_num_blocks=len(chunks))
-        .flat_map(read_chunk)
+        .flat_map(read_chunk, fn_kwargs={"eval_fraction": cfg.data.eval_fraction, "seed": cfg.data.seed})
         .map_batches(
             Encoder,
             fn_constructor_kwargs={
+                "specs": source_specs,
                 "model_path": cfg.model.path,
                 "trust_remote_code": cfg.model.trust_remote_code,
                 "max_length": cfg.data.max_length,
+                "chat_template": template,
             },
             batch_size=512,
             batch_format="numpy",
@@ -107,73 +142,181 @@ def _run(cfg: Config, out_dir: str) -> dict:
         )
         .materialize()
     )
-    stats = rows.select_columns(
-        ["split", "n_tokens", "n_trained", "truncated", "drop_reason", "error"]
-    ).to_arrow_refs()
-    table = pa.concat_tables(ray.get(stats))
-    manifest = _manifest(cfg, table)
-    for split in ("train", "eval"):
-        kept = rows.map_batches(
-            _select_kept, fn_kwargs={"split": split}, batch_format="pyarrow", batch_size=None
+
+
+def _select(batch: pa.Table, split: str, weights: list[float], seed: int) -> pa.Table:
+    """Kept rows of one split; train rows repeated by their source's weight (seeded for fractions)."""
+    batch = batch.filter(pc.and_(pc.equal(batch["split"], split), pc.equal(batch["drop_reason"], "")))
+    if split == "train" and any(w != 1.0 for w in weights):
+        take = []
+        for i, (spec, where) in enumerate(zip(batch["spec"].to_pylist(), batch["where"].to_pylist())):
+            w = weights[spec]
+            copies = int(w) + (unit_hash(seed, "weight", where) < w - int(w))
+            take += [i] * copies
+        batch = batch.take(pa.array(take, pa.int64()))
+    return batch.select(["input_ids", "labels", "n_tokens"])
+
+
+def _write_split(rows, cfg: Config, split: str, out_dir: str) -> list[int]:
+    """Write one split; returns the token count of every written row (packed rows when packing)."""
+    import ray
+
+    from sft_ray.data.packing import pack_table
+
+    weights = [s["weight"] for s in specs(cfg)]
+    kept = rows.map_batches(
+        _select,
+        fn_kwargs={"split": split, "weights": weights, "seed": cfg.data.seed},
+        batch_format="pyarrow",
+        batch_size=None,
+    )
+    if split == "train" and cfg.data.packing:
+        kept = kept.map_batches(
+            pack_table,
+            fn_kwargs={"max_length": cfg.data.max_length},
+            batch_format="pyarrow",
+            batch_size=PACK_BLOCK_ROWS,
         )
+    else:
+        kept = kept.drop_columns(["n_tokens"])
+    kept = kept.materialize()
+    if kept.count():
         kept.write_parquet(storage.join(out_dir, split))
-    return manifest
+    tables = [ray.get(ref) for ref in kept.to_arrow_refs()]
+    return [n for t in tables if t.num_rows for n in pc.list_value_length(t["input_ids"]).to_pylist()]
 
 
-def _select_kept(batch: pa.Table, split: str) -> pa.Table:
-    mask = pc.and_(pc.equal(batch["split"], split), pc.equal(batch["drop_reason"], ""))
-    return batch.filter(mask).select(["input_ids", "labels"])
+def padded_tokens(lengths: list[int], batch_size: int, seed: int, multiple: int = 8) -> int:
+    """Tokens computed when shuffled rows are padded per batch to the longest, rounded up to `multiple`."""
+    order = list(lengths)
+    random.Random(seed).shuffle(order)
+    total = 0
+    for i in range(0, len(order), batch_size):
+        batch = order[i : i + batch_size]
+        total += len(batch) * (math.ceil(max(batch) / multiple) * multiple)
+    return total
 
 
-def _manifest(cfg: Config, table: pa.Table) -> dict:
-    splits = {}
-    errors = []
-    for split in ("train", "eval"):
-        t = table.filter(pc.equal(table["split"], split))
-        kept = t.filter(pc.equal(t["drop_reason"], ""))
-        dropped = t.filter(pc.not_equal(t["drop_reason"], ""))
-        reasons = {}
-        for r in dropped["drop_reason"].to_pylist():
-            reasons[r] = reasons.get(r, 0) + 1
-        errors += [e for e in dropped["error"].to_pylist() if e][:5]
-        splits[split] = {
-            "rows_read": t.num_rows,
-            "rows_written": kept.num_rows,
-            "rows_dropped": dict(sorted(reasons.items())),
-            "rows_truncated": int(pc.sum(kept["truncated"]).as_py() or 0),
-            "tokens": int(pc.sum(kept["n_tokens"]).as_py() or 0),
-            "trained_tokens": int(pc.sum(kept["n_trained"]).as_py() or 0),
+def _layout(cfg: Config, lengths: list[int]) -> dict:
+    real = sum(lengths)
+    if cfg.data.packing:
+        computed = len(lengths) * cfg.data.max_length
+        return {
+            "packing": True,
+            "rows": len(lengths),
+            "real_tokens": real,
+            "computed_tokens": computed,
+            "real_fraction": real / computed if computed else 0.0,
+            "note": "packed rows of max_length",
         }
+    b = cfg.train.per_device_batch_size
+    computed = padded_tokens(lengths, b, cfg.data.seed)
+    return {
+        "packing": False,
+        "rows": len(lengths),
+        "real_tokens": real,
+        "computed_tokens": computed,
+        "real_fraction": real / computed if computed else 0.0,
+        "note": f"shuffled batches of {b} padded to their longest row, rounded up to 8",
+    }
+
+
+def _histogram(lengths: list[int], max_length: int, bins: int = 8) -> list[dict]:
+    width = max(1, math.ceil(max_length / bins))
+    counts = [0] * bins
+    for n in lengths:
+        counts[min(bins - 1, (n - 1) // width)] += 1
+    return [
+        {"from": i * width + 1, "to": min(max_length, (i + 1) * width), "rows": c}
+        for i, c in enumerate(counts)
+    ]
+
+
+def _split_stats(t: pa.Table, cfg: Config) -> dict:
+    kept = t.filter(pc.equal(t["drop_reason"], ""))
+    reasons: dict[str, int] = {}
+    for r in t.filter(pc.not_equal(t["drop_reason"], ""))["drop_reason"].to_pylist():
+        reasons[r] = reasons.get(r, 0) + 1
+    lengths = kept["n_tokens"].to_pylist()
+    tokens, trained = sum(lengths), int(pc.sum(kept["n_trained"]).as_py() or 0)
+    return {
+        "rows_read": t.num_rows,
+        "rows_kept": kept.num_rows,
+        "rows_dropped": dict(sorted(reasons.items())),
+        "rows_truncated": int(pc.sum(kept["truncated"]).as_py() or 0),
+        "tokens": tokens,
+        "trained_tokens": trained,
+        "trained_fraction": trained / tokens if tokens else 0.0,
+        "length_histogram": _histogram(lengths, cfg.data.max_length),
+    }
+
+
+def _manifest(cfg: Config, stats: pa.Table) -> dict:
+    splits = {s: _split_stats(stats.filter(pc.equal(stats["split"], s)), cfg) for s in SPLITS}
+    sources = []
+    for i, spec in enumerate(specs(cfg)):
+        t = stats.filter(pc.equal(stats["spec"], i))
+        sources.append(
+            {**spec, "rows_read": t.num_rows, "rows_kept": t.filter(pc.equal(t["drop_reason"], "")).num_rows}
+        )
+    errors = stats.filter(pc.not_equal(stats["error"], ""))["error"].to_pylist()
     return {
         "version": PREP_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": cfg.model.path,
-        "max_length": cfg.data.max_length,
-        "sources": {s: [src.model_dump() for src in getattr(cfg.data, s)] for s in ("train", "eval")},
+        "data": cfg.data.model_dump(mode="json"),
+        "sources": sources,
         "splits": splits,
-        "example_errors": errors,
+        "example_errors": errors[:10],
     }
 
 
-def check_trainable(manifest: dict, where: str, on_bad_row: str) -> None:
-    """Refuse data that would train on nothing (the field's known silent failure) or bad rows."""
-    bad_rows = [
-        r
-        for s in manifest["splits"].values()
-        for reason, n in s["rows_dropped"].items()
-        if reason != "no_trained_tokens_after_truncation"
-        for r in [f"{n} x {reason}"]
-    ]
-    if bad_rows and on_bad_row == "error":
+def _run(cfg: Config, out_dir: str) -> dict:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same inputs, same row order: needed for exact resume
+    ctx.enable_progress_bars = False
+    rows = _encoded_rows(cfg)
+    stats = rows.select_columns(
+        ["split", "spec", "n_tokens", "n_trained", "truncated", "drop_reason", "error"]
+    )
+    manifest = _manifest(cfg, pa.concat_tables(ray.get(stats.to_arrow_refs())))
+    for split in SPLITS:
+        lengths = _write_split(rows, cfg, split, out_dir)
+        manifest["splits"][split]["rows_written"] = len(lengths)
+        if split == "train":
+            manifest["layout"] = _layout(cfg, lengths)
+    return manifest
+
+
+def check_trainable(manifest: dict, cfg: Config, where: str) -> None:
+    """Refuse data that would train on nothing (the field's known silent failure) or lost too much."""
+    splits = manifest["splits"]
+    bad = {
+        r: n
+        for s in splits.values()
+        for r, n in s["rows_dropped"].items()
+        if r != "no_trained_tokens_after_truncation"
+    }
+    if bad and cfg.data.on_bad_row == "error":
         raise DataError(
-            f"bad input rows ({', '.join(bad_rows)}), for example:\n  "
-            + "\n  ".join(manifest["example_errors"])
+            f"bad input rows ({', '.join(f'{n} x {r}' for r, n in sorted(bad.items()))}), for example:\n  "
+            + "\n  ".join(manifest["example_errors"][:5])
             + f"\nfix the data, or set data.on_bad_row=skip to drop such rows; manifest: {where}"
         )
-    train = manifest["splits"]["train"]
-    if train["trained_tokens"] == 0:
+    if splits["train"]["trained_tokens"] == 0:
         raise DataError(
-            f"the train split has no trained tokens ({train['rows_read']} rows read); see {where}"
+            f"the train split has no trained tokens ({splits['train']['rows_read']} rows read, "
+            f"dropped: {splits['train']['rows_dropped'] or 'none'}); nothing to learn from. Manifest: {where}"
+        )
+    read = sum(s["rows_read"] for s in splits.values())
+    dropped = sum(sum(s["rows_dropped"].values()) for s in splits.values())
+    if read and dropped / read > cfg.data.max_dropped_fraction:
+        raise DataError(
+            f"{dropped} of {read} rows ({dropped / read:.1%}) were dropped, more than "
+            f"data.max_dropped_fraction={cfg.data.max_dropped_fraction}: {splits['train']['rows_dropped']} "
+            f"(train), {splits['eval']['rows_dropped']} (eval). Manifest: {where}"
         )
 
 
@@ -182,12 +325,13 @@ def prepare(cfg: Config, output: str | None = None) -> tuple[str, dict]:
     if output is None:
         out = storage.join(cfg.storage.path, "datasets", cache_key(cfg))
         if storage.exists(storage.join(out, "manifest.json")):
-            print(f"prepared data: reusing {out}")
+            print(f"prepared data: reusing {out} (same sources, tokenizer and settings)")
             manifest = storage.read_json(storage.join(out, "manifest.json"))
-            check_trainable(manifest, storage.join(out, "manifest.json"), cfg.data.on_bad_row)
+            check_trainable(manifest, cfg, storage.join(out, "manifest.json"))
             return out, manifest
     else:
         out = os.path.abspath(output)
+    _check_chat_template(cfg)
     storage.check_writable(os.path.dirname(out))
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
     start = time.time()
@@ -200,10 +344,11 @@ def prepare(cfg: Config, output: str | None = None) -> tuple[str, dict]:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    check_trainable(manifest, storage.join(out, "manifest.json"), cfg.data.on_bad_row)
     s = manifest["splits"]["train"]
     print(
-        f"prepared data: {out} (train {s['rows_written']}/{s['rows_read']} rows, "
-        f"{s['trained_tokens']}/{s['tokens']} tokens trained) in {manifest['seconds']}s"
+        f"prepared data: {out} (train {s['rows_kept']}/{s['rows_read']} rows kept, "
+        f"{s['trained_tokens']}/{s['tokens']} tokens trained, {manifest['layout']['rows']} rows written"
+        f"{' packed' if cfg.data.packing else ''}) in {manifest['seconds']}s"
     )
+    check_trainable(manifest, cfg, storage.join(out, "manifest.json"))
     return out, manifest

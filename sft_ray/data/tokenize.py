@@ -2,7 +2,8 @@
 
 Each segment is tokenized on its own (one batched call for speed), so every token belongs to
 exactly one segment and its label is decided by that segment: -100 for prompt tokens, the token
-id for response tokens and the EOS that follows the response.
+id for response tokens and the EOS that follows the response. Chat-templated examples carry their
+own BOS and end-of-turn tokens in the text, so nothing is added to them.
 
 Truncation rule: an example longer than `max_length` keeps its first `max_length` tokens (the
 start of the prompt is kept, the end of the response is cut, EOS included). An example left with
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sft_ray.data.formats import Segment
+from sft_ray.data.formats import Example
 
 IGNORE = -100
 
@@ -42,23 +43,24 @@ class Encoded:
 
 
 def encode_batch(
-    tokenizer, examples: list[list[Segment]], special: Special, max_length: int
+    tokenizer, examples: list[Example], special: Special, max_length: int
 ) -> list[Encoded | str]:
     """Encode examples; an entry is an `Encoded` or the reason string it was dropped."""
-    texts = [seg.text for segs in examples for seg in segs]
+    texts = [seg.text for ex in examples for seg in ex.segments]
     pieces = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     out: list[Encoded | str] = []
     k = 0
-    for segs in examples:
-        ids = list(special.prefix)
+    for ex in examples:
+        ids = [] if ex.templated else list(special.prefix)
         labels = [IGNORE] * len(ids)
-        for seg in segs:
+        for seg in ex.segments:
             toks = pieces[k]
             k += 1
             ids += toks
             labels += toks if seg.trained else [IGNORE] * len(toks)
-        ids.append(special.eos)
-        labels.append(special.eos)
+        if not ex.templated:
+            ids.append(special.eos)
+            labels.append(special.eos)
         truncated = len(ids) > max_length
         ids, labels = ids[:max_length], labels[:max_length]
         if all(x == IGNORE for x in labels):

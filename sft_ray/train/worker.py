@@ -19,8 +19,28 @@ def _to_hf(shard):
     import datasets
     import pyarrow as pa
 
-    tables = list(shard.iter_batches(batch_size=None, batch_format="pyarrow"))
-    return datasets.Dataset(pa.concat_tables(tables).select(["input_ids", "labels"]))
+    table = pa.concat_tables(list(shard.iter_batches(batch_size=None, batch_format="pyarrow")))
+    return datasets.Dataset(
+        table.select([c for c in ("input_ids", "labels", "position_ids") if c in table.column_names])
+    )
+
+
+def _even_out(ds, per_step_rows: int, pad_token_id: int):
+    """Append rows with no trained token so the row count divides by workers x batch size.
+
+    Accelerate would otherwise fill the last round by repeating rows from the start: some rows
+    would be trained twice per epoch. Filler rows add no loss and no gradient, and every worker
+    runs the same number of steps.
+    """
+    import datasets
+
+    from sft_ray.train.collate import filler_rows
+
+    missing = -len(ds) % per_step_rows
+    if not missing:
+        return ds
+    filler = datasets.Dataset.from_dict(filler_rows(missing, pad_token_id, "position_ids" in ds.column_names))
+    return datasets.concatenate_datasets([ds, filler.cast(ds.features)])
 
 
 def _report_callback():
@@ -117,9 +137,9 @@ def _sft_config(cfg: Config, output_dir: str, use_cpu: bool, has_eval: bool):
 def train_loop(loop_config: dict) -> dict:
     import ray.train
     from trl import SFTTrainer
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from sft_ray.model import load_model, load_tokenizer, lora_config
+    from sft_ray.train.collate import make_collator
     from sft_ray.train.final import write_final
 
     cfg = Config.model_validate(loop_config["config"])
@@ -130,7 +150,11 @@ def train_loop(loop_config: dict) -> dict:
 
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     model = load_model(cfg, device)
-    train_ds = _to_hf(ray.train.get_dataset_shard("train"))
+    train_ds = _even_out(
+        _to_hf(ray.train.get_dataset_shard("train")),
+        ctx.get_world_size() * cfg.train.per_device_batch_size,
+        tokenizer.pad_token_id,
+    )
     eval_shard = ray.train.get_dataset_shard("eval")
     eval_ds = _to_hf(eval_shard) if eval_shard is not None else None
 
@@ -148,9 +172,7 @@ def train_loop(loop_config: dict) -> dict:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
-        data_collator=DataCollatorForLanguageModeling(
-            pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=8
-        ),
+        data_collator=make_collator(tokenizer.pad_token_id),
         callbacks=[_report_callback()],
     )
 

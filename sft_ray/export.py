@@ -1,0 +1,119 @@
+"""Pick a checkpoint of a run (final, best, latest) and merge its adapter into a plain model.
+
+A merged model loads with `AutoModelForCausalLM.from_pretrained(out_dir)` alone, with no PEFT, so
+it can be served by anything that serves a Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # full match: `checkpoint-0000050.tmp-…` is not one
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _complete_checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of checkpoints whose upload finished, oldest first."""
+    found = []
+    for child in run.iterdir() if run.is_dir() else []:
+        match = _CHECKPOINT.fullmatch(child.name)
+        if (
+            match
+            and (child / "adapter_model.safetensors").is_file()
+            and (child / "trainer_state.json").is_file()
+        ):
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def _eval_loss_at(checkpoint: Path, step: int) -> float | None:
+    """The eval loss this checkpoint was saved with: the last one logged at or before its step."""
+    path = checkpoint / "trainer_state.json"
+    try:
+        history = json.loads(path.read_text())["log_history"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"{path}: not an HF trainer state ({err!r})") from None
+    latest, loss = -1, None
+    for entry in history:
+        if "eval_loss" in entry and "step" in entry and latest <= entry["step"] <= step:
+            latest, loss = entry["step"], entry["eval_loss"]
+    return loss
+
+
+def find_checkpoint(run_dir: str, which: str) -> Path:
+    """The adapter folder to export: `final/`, the lowest-eval-loss checkpoint, or the newest one."""
+    run = Path(run_dir)
+    if which == "final":
+        final = run / "final"
+        if not (final / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"{final}: no final adapter (the run has not finished); use --checkpoint latest or best"
+            )
+        return final
+    if which not in ("best", "latest"):
+        raise ValueError(f"checkpoint must be one of final, best, latest; got {which!r}")
+    checkpoints = _complete_checkpoints(run)
+    if not checkpoints:
+        raise FileNotFoundError(
+            f"{run}: no complete checkpoint-NNNNNNN folder "
+            "(one with adapter_model.safetensors and trainer_state.json)"
+        )
+    if which == "latest":
+        return checkpoints[-1][1]
+    scored = [
+        (loss, step, path) for step, path in checkpoints if (loss := _eval_loss_at(path, step)) is not None
+    ]
+    if not scored:
+        names = ", ".join(p.name for _, p in checkpoints)
+        raise ValueError(
+            f"{run}: no checkpoint has an eval loss in its trainer_state.json ({names}); "
+            "the run had no eval data or no eval before a save; use --checkpoint latest"
+        )
+    return min(scored)[2]
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer_config.json").is_file()
+
+
+def merge(adapter_dir: str, out_dir: str, base_path: str | None = None, dtype: str = "float32") -> Path:
+    """Fold the LoRA weights into the base and save a plain model + tokenizer at `out_dir`.
+
+    The base is always loaded unquantized: a QLoRA adapter was trained against the 4-bit base,
+    but merging into 4-bit weights would round the update away (and PEFT cannot save it).
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter, out = Path(adapter_dir), Path(out_dir)
+    config_path = adapter / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{adapter}: no adapter_config.json, not a LoRA adapter folder")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new folder or remove it")
+    base = base_path or json.loads(config_path.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config_path} names no base_model_name_or_path; pass the base model path")
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter) if _has_tokenizer(adapter) else base)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)  # also replaces an empty folder the user made beforehand
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
