@@ -67,9 +67,7 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _one_eval_source(self):
         if self.eval and self.eval_fraction:
-            raise ValueError(
-                "set either data.eval (files) or data.eval_fraction (carved from train), not both"
-            )
+            raise ValueError("set either data.eval (files) or data.eval_fraction (carved from train), not both")
         return self
 
 

@@ -22,11 +22,7 @@ def _complete_checkpoints(run: Path) -> list[tuple[int, Path]]:
     found = []
     for child in run.iterdir() if run.is_dir() else []:
         match = _CHECKPOINT.fullmatch(child.name)
-        if (
-            match
-            and (child / "adapter_model.safetensors").is_file()
-            and (child / "trainer_state.json").is_file()
-        ):
+        if match and (child / "adapter_model.safetensors").is_file() and (child / "trainer_state.json").is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)
 
@@ -60,14 +56,11 @@ def find_checkpoint(run_dir: str, which: str) -> Path:
     checkpoints = _complete_checkpoints(run)
     if not checkpoints:
         raise FileNotFoundError(
-            f"{run}: no complete checkpoint-NNNNNNN folder "
-            "(one with adapter_model.safetensors and trainer_state.json)"
+            f"{run}: no complete checkpoint-NNNNNNN folder (one with adapter_model.safetensors and trainer_state.json)"
         )
     if which == "latest":
         return checkpoints[-1][1]
-    scored = [
-        (loss, step, path) for step, path in checkpoints if (loss := _eval_loss_at(path, step)) is not None
-    ]
+    scored = [(loss, step, path) for step, path in checkpoints if (loss := _eval_loss_at(path, step)) is not None]
     if not scored:
         names = ", ".join(p.name for _, p in checkpoints)
         raise ValueError(

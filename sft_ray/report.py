@@ -118,9 +118,7 @@ def _fmt(value) -> str:
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
-    body = "".join(
-        f"<tr><th>{html.escape(k)}</th><td class=num>{html.escape(_fmt(v))}</td></tr>" for k, v in rows
-    )
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td class=num>{html.escape(_fmt(v))}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
 
 

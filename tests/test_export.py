@@ -138,6 +138,4 @@ def test_qlora_adapter_merges_into_the_full_precision_base(tmp_path, tiny_model,
         AutoModelForCausalLM.from_pretrained(tiny_model), str(tmp_path / "adapter")
     )
     assert _close(_logits(merged, tokenizer), _logits(with_adapter, tokenizer))
-    assert not _close(
-        _logits(merged, tokenizer), _logits(AutoModelForCausalLM.from_pretrained(tiny_model), tokenizer)
-    )
+    assert not _close(_logits(merged, tokenizer), _logits(AutoModelForCausalLM.from_pretrained(tiny_model), tokenizer))

@@ -17,9 +17,7 @@ from sft_ray.data.formats import (
 from sft_ray.data.tokenize import IGNORE, encode_batch, special_ids
 
 EOS = "<|im_end|>"
-SETTINGS = settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 texts = st.text(max_size=40)
 responses = st.text(min_size=1, max_size=40).filter(lambda s: s.strip())
 # A Llama-3-like layout: role header, blank line, content, end-of-turn with no newline after it.
@@ -60,9 +58,7 @@ def test_alpaca(tokenizer, instruction, extra, output):
     enc = encode(tokenizer, {"instruction": instruction, "input": extra, "output": output}, "alpaca")
     assert trained_runs(tokenizer, enc) == [output + EOS]
     if extra:
-        prompt = (
-            f"{ALPACA_PROMPT_INPUT}### Instruction:\n{instruction}\n\n### Input:\n{extra}\n\n### Response:\n"
-        )
+        prompt = f"{ALPACA_PROMPT_INPUT}### Instruction:\n{instruction}\n\n### Input:\n{extra}\n\n### Response:\n"
     else:
         prompt = f"{ALPACA_PROMPT}### Instruction:\n{instruction}\n\n### Response:\n"
     assert untrained(tokenizer, enc) == "<s>" + prompt
@@ -85,9 +81,7 @@ def test_text_trains_every_token(tokenizer, body):
 
 
 def test_field_mapping(tokenizer):
-    enc = encode(
-        tokenizer, {"q": "Why?", "answer": "Because."}, "instruction", {"question": "q", "output": "answer"}
-    )
+    enc = encode(tokenizer, {"q": "Why?", "answer": "Because."}, "instruction", {"question": "q", "output": "answer"})
     assert trained_runs(tokenizer, enc) == ["Because." + EOS]
     with pytest.raises(BadRow, match="missing field 'answer'"):
         render_record({"q": "Why?", "output": "x"}, "instruction", {"question": "q", "output": "answer"})
@@ -174,8 +168,6 @@ def test_template_that_rewrites_history_is_refused(tokenizer):
     with pytest.raises(BadRow) as err:
         render_record({"messages": msgs}, "messages", {}, chat)
     assert err.value.reason == "template_mismatch"
-    shouting = (
-        "{% for m in messages %}{{ m['role'] + ': ' + (m['content'] | upper) + '<|im_end|>' }}{% endfor %}"
-    )
+    shouting = "{% for m in messages %}{{ m['role'] + ': ' + (m['content'] | upper) + '<|im_end|>' }}{% endfor %}"
     with pytest.raises(ChatTemplateError, match="changes the assistant's content"):
         turn_affixes(chat_renderer(tokenizer, shouting))

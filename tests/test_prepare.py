@@ -8,10 +8,7 @@ from conftest import make_config, write_jsonl
 
 from sft_ray.data.pipeline import DataError, cache_key, prepare
 
-ROWS = [
-    {"question": f"Question {i}?", "input": "ctx" if i % 2 else "", "output": f"answer {i}"}
-    for i in range(30)
-]
+ROWS = [{"question": f"Question {i}?", "input": "ctx" if i % 2 else "", "output": f"answer {i}"} for i in range(30)]
 CHAT = [
     {
         "messages": [
@@ -54,9 +51,7 @@ def test_prepare_writes_parquet_and_manifest(tmp_path, tiny_model, tokenizer, ra
     assert table.schema.field("input_ids").type == pa.list_(pa.int32())
     assert table.column_names == ["input_ids", "labels"]
     assert stats["tokens"] == sum(map(len, table["input_ids"].to_pylist()))
-    assert stats["trained_tokens"] == sum(
-        sum(1 for x in lab if x != -100) for lab in table["labels"].to_pylist()
-    )
+    assert stats["trained_tokens"] == sum(sum(1 for x in lab if x != -100) for lab in table["labels"].to_pylist())
     # Order is kept, and each row's trained tokens are exactly its answer + EOS.
     assert _trained_texts(tokenizer, table) == [r["output"] + "<|im_end|>" for r in ROWS]
     layout = manifest["layout"]
@@ -190,8 +185,7 @@ def test_eval_carved_from_train_and_packing(tmp_path, tiny_model, tokenizer, ray
         assert len(ids) <= 128
         starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
         examples += [
-            tokenizer.decode([t for t, x in zip(ids[a:b], labs[a:b]) if x != -100])
-            for a, b in zip(starts, starts[1:])
+            tokenizer.decode([t for t, x in zip(ids[a:b], labs[a:b]) if x != -100]) for a, b in zip(starts, starts[1:])
         ]
     evals = _trained_texts(tokenizer, pq.read_table(f"{out}/eval"))
     assert sorted(examples + evals) == sorted(f"A{i}<|im_end|>" for i in range(200))  # each once, whole
@@ -244,6 +238,4 @@ def test_reads_from_s3(tmp_path, tiny_model, tokenizer, ray_local, s3_bucket):
     cfg = make_config(tmp_path, tiny_model, f"s3://{s3_bucket}/data/train.jsonl")
     out, manifest = prepare(cfg)
     assert manifest["splits"]["train"]["rows_written"] == 30
-    assert _trained_texts(tokenizer, pq.read_table(f"{out}/train")) == [
-        r["output"] + "<|im_end|>" for r in ROWS
-    ]
+    assert _trained_texts(tokenizer, pq.read_table(f"{out}/train")) == [r["output"] + "<|im_end|>" for r in ROWS]

@@ -23,9 +23,7 @@ def test_loads_through_from_pretrained(tiny_model, tokenizer):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert model.config.model_type == "llama"
-    assert (
-        model.config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
-    )
+    assert model.config.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert (tokenizer.bos_token, tokenizer.pad_token) == ("<s>", "<pad>")
     assert tokenizer("hi")["input_ids"][0] == tokenizer.bos_token_id
     rendered = tokenizer.apply_chat_template(

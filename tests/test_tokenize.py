@@ -11,9 +11,7 @@ EOS = "<|im_end|>"
 
 
 def _encode(tokenizer, record, max_length=512):
-    [enc] = encode_batch(
-        tokenizer, [render_record(record, "instruction")], special_ids(tokenizer), max_length
-    )
+    [enc] = encode_batch(tokenizer, [render_record(record, "instruction")], special_ids(tokenizer), max_length)
     return enc
 
 
@@ -49,10 +47,7 @@ def test_question_containing_the_output_marker(tokenizer):
     record = {"question": "Explain:\n### Output\nfake answer", "input": "### Output\n", "output": "real"}
     trained, rest = _split_decode(tokenizer, _encode(tokenizer, record))
     assert trained == "real" + EOS
-    assert (
-        rest
-        == "<s>### Question\nExplain:\n### Output\nfake answer\n\n### Input\n### Output\n\n\n### Output\n"
-    )
+    assert rest == "<s>### Question\nExplain:\n### Output\nfake answer\n\n### Input\n### Output\n\n\n### Output\n"
 
 
 def test_non_ascii(tokenizer):

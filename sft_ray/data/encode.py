@@ -39,9 +39,7 @@ def chat_renderer(tokenizer, template: str | None):
     """(messages, add_generation_prompt) -> text, through the given or the tokenizer's template."""
     template = template or tokenizer.chat_template
     if not template:
-        raise ValueError(
-            "format 'messages' needs a chat template: the tokenizer has none; set data.chat_template"
-        )
+        raise ValueError("format 'messages' needs a chat template: the tokenizer has none; set data.chat_template")
 
     def render(msgs: list[dict], add_generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(
@@ -73,9 +71,7 @@ class Encoder:
 
     def _example(self, raw: str, bad_utf8: bool, spec: dict):
         try:
-            return render_record(
-                parse(raw, bad_utf8), spec["format"], spec["fields"], self.chat, spec["train_on"]
-            )
+            return render_record(parse(raw, bad_utf8), spec["format"], spec["fields"], self.chat, spec["train_on"])
         except BadRow:
             raise
         except Exception as err:  # a template that raises on this conversation (e.g. role order)
@@ -87,9 +83,7 @@ class Encoder:
         for i in range(n):
             try:
                 examples.append(
-                    self._example(
-                        batch["raw"][i], bool(batch["bad_utf8"][i]), self.specs[int(batch["spec"][i])]
-                    )
+                    self._example(batch["raw"][i], bool(batch["bad_utf8"][i]), self.specs[int(batch["spec"][i])])
                 )
             except BadRow as err:
                 errors[i] = err

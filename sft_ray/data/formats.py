@@ -104,25 +104,17 @@ def _messages(record: dict, fields: dict) -> list[dict]:
     if not isinstance(msgs, list) or not msgs:
         raise BadRow("wrong_type", f"field '{key}' must be a non-empty list of messages")
     for i, m in enumerate(msgs):
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise BadRow("wrong_type", f"message {i} must be an object with string 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise BadRow(
-                "unknown_role", f"message {i} has unknown role '{m['role']}' (expected one of {ROLES})"
-            )
+            raise BadRow("unknown_role", f"message {i} has unknown role '{m['role']}' (expected one of {ROLES})")
     if not any(m["role"] == "assistant" for m in msgs):
         raise BadRow("no_assistant_turn", "conversation has no assistant turn")
     for i, m in enumerate(msgs):
         if m["role"] == "assistant" and not m["content"].strip():
             raise BadRow("empty_response", f"assistant message {i} is empty")
     if msgs[0]["role"] == "assistant":
-        raise BadRow(
-            "assistant_first", "conversation starts with an assistant turn: there is no prompt for it"
-        )
+        raise BadRow("assistant_first", "conversation starts with an assistant turn: there is no prompt for it")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
@@ -165,9 +157,7 @@ def turn_affixes(render: Render) -> tuple[str, str, str]:
     return before, after.rstrip(), after[len(after.rstrip()) :]
 
 
-def messages(
-    record: dict, fields: dict, render: Render, affixes: tuple[str, str, str], train_on: str
-) -> Example:
+def messages(record: dict, fields: dict, render: Render, affixes: tuple[str, str, str], train_on: str) -> Example:
     """Multi-turn chat through the tokenizer's chat template, assistant turns trained.
 
     The text is cut where the template's own renderings of growing prefixes of the conversation

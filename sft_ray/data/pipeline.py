@@ -58,9 +58,7 @@ def _fingerprint(uri: str) -> str:
         files = sorted(c.path for c in children if c.type == pafs.FileType.File)
         prefix = path.rstrip("/") + "/"
         return hashlib.sha256(
-            json.dumps(
-                [[f[len(prefix) :], _fingerprint(storage.join(uri, f[len(prefix) :]))] for f in files]
-            ).encode()
+            json.dumps([[f[len(prefix) :], _fingerprint(storage.join(uri, f[len(prefix) :]))] for f in files]).encode()
         ).hexdigest()
     if not storage.is_local(uri):
         return f"{info.size}:{info.mtime_ns}"
@@ -226,10 +224,7 @@ def _histogram(lengths: list[int], max_length: int, bins: int = 8) -> list[dict]
     counts = [0] * bins
     for n in lengths:
         counts[min(bins - 1, (n - 1) // width)] += 1
-    return [
-        {"from": i * width + 1, "to": min(max_length, (i + 1) * width), "rows": c}
-        for i, c in enumerate(counts)
-    ]
+    return [{"from": i * width + 1, "to": min(max_length, (i + 1) * width), "rows": c} for i, c in enumerate(counts)]
 
 
 def _split_stats(t: pa.Table, cfg: Config) -> dict:
@@ -278,9 +273,7 @@ def _run(cfg: Config, out_dir: str) -> dict:
     ctx.execution_options.preserve_order = True  # same inputs, same row order: needed for exact resume
     ctx.enable_progress_bars = False
     rows = _encoded_rows(cfg)
-    stats = rows.select_columns(
-        ["split", "spec", "n_tokens", "n_trained", "truncated", "drop_reason", "error"]
-    )
+    stats = rows.select_columns(["split", "spec", "n_tokens", "n_trained", "truncated", "drop_reason", "error"])
     manifest = _manifest(cfg, pa.concat_tables(ray.get(stats.to_arrow_refs())))
     for split in SPLITS:
         lengths = _write_split(rows, cfg, split, out_dir)
@@ -294,10 +287,7 @@ def check_trainable(manifest: dict, cfg: Config, where: str) -> None:
     """Refuse data that would train on nothing (the field's known silent failure) or lost too much."""
     splits = manifest["splits"]
     bad = {
-        r: n
-        for s in splits.values()
-        for r, n in s["rows_dropped"].items()
-        if r != "no_trained_tokens_after_truncation"
+        r: n for s in splits.values() for r, n in s["rows_dropped"].items() if r != "no_trained_tokens_after_truncation"
     }
     if bad and cfg.data.on_bad_row == "error":
         raise DataError(

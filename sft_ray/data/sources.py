@@ -38,9 +38,7 @@ def source_kind(uri: str) -> str:
     for ext, kind in ((".jsonl", "jsonl"), (".json", "json"), (".parquet", "parquet")):
         if path.endswith(ext):
             return kind
-    raise ValueError(
-        f"{uri}: unknown file type (expected .jsonl, .json, .parquet or an HF save_to_disk folder)"
-    )
+    raise ValueError(f"{uri}: unknown file type (expected .jsonl, .json, .parquet or an HF save_to_disk folder)")
 
 
 def _files(uri: str, suffix: str) -> list[str]:

@@ -42,9 +42,7 @@ class Encoded:
     truncated: bool
 
 
-def encode_batch(
-    tokenizer, examples: list[Example], special: Special, max_length: int
-) -> list[Encoded | str]:
+def encode_batch(tokenizer, examples: list[Example], special: Special, max_length: int) -> list[Encoded | str]:
     """Encode examples; an entry is an `Encoded` or the reason string it was dropped."""
     texts = [seg.text for ex in examples for seg in ex.segments]
     pieces = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []

@@ -19,9 +19,7 @@ def make_collator(pad_token_id: int):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     padded = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, pad_to_multiple_of=8)
-    packed = DataCollatorForLanguageModeling(
-        pad_token_id=pad_token_id, padding_free=True, pad_to_multiple_of=8
-    )
+    packed = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True, pad_to_multiple_of=8)
 
     def collate(examples: list[dict]) -> dict:
         if "position_ids" not in examples[0]:

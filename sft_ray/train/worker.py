@@ -57,9 +57,7 @@ def _report_callback():
                 path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
                 ckpt = ray.train.Checkpoint.from_directory(path)
             # A barrier: every rank reports, only rank 0 carries files, so storage gets one copy.
-            ray.train.report(
-                metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{state.global_step:07d}"
-            )
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{state.global_step:07d}")
 
     return RayReport()
 
