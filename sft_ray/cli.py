@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from sft_ray.config import ConfigError, load_config
+from sft_ray.data.pipeline import DataError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -27,6 +28,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="prepare the data, then train a LoRA adapter on Ray Train")
     _config_args(p)
+
+    p = sub.add_parser("audit", help="show prepared rows with trained tokens highlighted, and the data report")
+    _config_args(p)
+    p.add_argument("--n", type=int, default=5, help="rows to show")
+    p.add_argument("--html", help="also write an HTML page here")
+
+    p = sub.add_parser("report", help="plots and a one-page HTML summary of a run, in RUN_DIR/report/")
+    p.add_argument("run_dir")
+
+    p = sub.add_parser("export", help="print the adapter folder of a run, or merge it into a full model")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", choices=["final", "best", "latest"], default="final")
+    p.add_argument("--merge", metavar="OUT_DIR", help="write base + adapter merged, loadable without PEFT")
+    p.add_argument("--base", help="base model path (default: the one the adapter was trained on)")
     return parser
 
 
@@ -58,6 +73,23 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"tiny model written to {build_tiny_model(args.out_dir, seed=args.seed)}")
             return 0
+        if args.command == "report":
+            from sft_ray.report import write_report
+
+            print(f"report written to {write_report(args.run_dir)}/index.html")
+            return 0
+        if args.command == "export":
+            from sft_ray.export import find_checkpoint, merge
+
+            try:
+                adapter = find_checkpoint(args.run_dir, args.checkpoint)
+            except ValueError as err:
+                print(f"sft-ray: {err}", file=sys.stderr)
+                return 1
+            print(f"adapter: {adapter}")
+            if args.merge:
+                print(f"merged model written to {merge(str(adapter), args.merge, base_path=args.base)}")
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "prepare":
             from sft_ray.data.pipeline import prepare
@@ -65,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
 
             ensure_ray()
             prepare(cfg, args.output)
+        elif args.command == "audit":
+            from sft_ray.data.audit import audit
+            from sft_ray.ray_runtime import ensure_ray
+
+            ensure_ray()
+            print(audit(cfg, args.n, args.html, color=sys.stdout.isatty()))
+            if args.html:
+                print(f"HTML audit written to {args.html}")
         elif args.command == "train":
             from sft_ray.train.driver import train
 
@@ -72,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"sft-ray: {err}", file=sys.stderr)
         return 2
+    except (DataError, FileNotFoundError, FileExistsError) as err:
+        print(f"sft-ray: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

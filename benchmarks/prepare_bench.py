@@ -1,0 +1,260 @@
+"""Data preparation throughput: the Ray Data pipeline against a single-process `datasets.map` baseline.
+
+    python benchmarks/prepare_bench.py [--rows N | --quick]
+
+Generates seeded instruction rows (`{question, input, output}`) into a temporary JSONL file, builds
+the tiny offline model for its tokenizer, then times, on this machine and in one run:
+
+- pipeline: `sft_ray.data.pipeline.prepare` on an embedded local Ray (actor start-up included,
+  `ray.init` reported apart and not counted), with packing off and then on;
+- baseline: what a first SFT script does: `datasets.Dataset.from_json` + `.map(batched=False)` that
+  renders the whole text + EOS, tokenizes it in one piece, finds the token ids of "### Output\\n"
+  and puts -100 before them, then `.to_parquet`; same tokenizer, same `max_length` truncation.
+
+rows/s is rows read / seconds. Prints a table and, last, one JSON line with every number.
+Starts Ray: run it alone on the machine (`flock /tmp/sft-ray-ray.lock python benchmarks/prepare_bench.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MAX_LENGTH = 512
+SEED = 1234
+MARKER = "### Output\n"
+
+
+def _vocabulary(rng: random.Random) -> tuple[list[str], list[float]]:
+    """Words the tiny tokenizer knows, plus pseudo-words it has to split; Zipf-like weights."""
+    from sft_ray.tiny_model import _WORDS
+
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    made = {"".join(rng.choices(letters, k=rng.randint(2, 10))) for _ in range(3000)}
+    words = list(_WORDS) + sorted(made)
+    rng.shuffle(words)
+    return words, [1.0 / (r + 1) for r in range(len(words))]
+
+
+def _length(rng: random.Random, lo: int, hi: int, median: float, tail: float = 0.0, tail_hi: int = 0) -> int:
+    """Log-normal count of words in [lo, hi]; with probability `tail`, a long one up to `tail_hi`."""
+    if tail and rng.random() < tail:
+        return rng.randint(hi, tail_hi)
+    return max(lo, min(hi, int(rng.lognormvariate(math.log(median), 0.8))))
+
+
+def generate(path: Path, n: int, seed: int = SEED) -> dict:
+    """Write `n` instruction rows; questions 5-60 words, inputs empty half the time else 5-120,
+    outputs 1-150 words with a 3% tail up to 700 words (so some rows are truncated)."""
+    rng = random.Random(seed)
+    words, weights = _vocabulary(rng)
+    cum = [0.0]
+    for w in weights:
+        cum.append(cum[-1] + w)
+    cum = cum[1:]
+
+    def text(k: int) -> str:
+        ws = rng.choices(words, cum_weights=cum, k=k)
+        ws[0] = ws[0].capitalize()
+        out, i = [], 0
+        while i < k:  # sentences of 4-20 words
+            j = min(k, i + rng.randint(4, 20))
+            out.append(" ".join(ws[i:j]) + rng.choice(".?!."))
+            i = j
+        return " ".join(out)
+
+    n_words = 0
+    with open(path, "w") as f:
+        for _ in range(n):
+            q = _length(rng, 5, 60, 14)
+            i = 0 if rng.random() < 0.5 else _length(rng, 5, 120, 30)
+            o = _length(rng, 1, 150, 35, tail=0.03, tail_hi=700)
+            n_words += q + i + o
+            row = {"question": text(q), "input": text(i) if i else "", "output": text(o)}
+            f.write(json.dumps(row) + "\n")
+    return {"rows": n, "words": n_words, "bytes": path.stat().st_size}
+
+
+def _config(data: Path, model: Path, storage: Path, packing: bool):
+    from sft_ray.config import validate
+
+    return validate(
+        {
+            "name": "bench",
+            "model": {"path": str(model)},
+            "data": {
+                "train": [{"path": str(data), "format": "instruction"}],
+                "max_length": MAX_LENGTH,
+                "packing": packing,
+            },
+            "storage": {"path": str(storage)},
+        }
+    )
+
+
+def run_pipeline(data: Path, model: Path, work: Path, packing: bool) -> dict:
+    from sft_ray.data.pipeline import prepare
+
+    out = work / f"prepared-{'packed' if packing else 'plain'}"
+    start = time.perf_counter()
+    _, manifest = prepare(_config(data, model, work / "storage", packing), output=str(out))
+    seconds = time.perf_counter() - start
+    rows = sum(s["rows_read"] for s in manifest["splits"].values())
+    return {
+        "seconds": seconds,
+        "manifest_seconds": manifest["seconds"],
+        "rows_read": rows,
+        "rows_written": manifest["splits"]["train"]["rows_written"],
+        "rows_per_s": rows / seconds,
+        "layout": {k: manifest["layout"][k] for k in ("rows", "real_tokens", "computed_tokens", "real_fraction")},
+        "out": str(out),
+    }
+
+
+def run_baseline(data: Path, model: Path, work: Path) -> dict:
+    """The seed's approach: whole text tokenized at once, response found by searching for the marker."""
+    import datasets
+
+    from sft_ray.model import load_tokenizer
+
+    datasets.disable_caching()
+    datasets.disable_progress_bars()
+    out = work / "baseline.parquet"
+    start = time.perf_counter()
+    tok = load_tokenizer(str(model))
+    marker = tok(MARKER, add_special_tokens=False)["input_ids"]
+    m = len(marker)
+
+    def encode(row: dict) -> dict:
+        text = f"### Question\n{row['question']}\n\n"
+        if row["input"]:
+            text += f"### Input\n{row['input']}\n\n"
+        text += f"### Output\n{row['output']}{tok.eos_token}"
+        ids = tok(text, truncation=True, max_length=MAX_LENGTH)["input_ids"]
+        labels = [-100] * len(ids)
+        for p in range(len(ids) - m + 1):
+            if ids[p : p + m] == marker:
+                labels[p + m :] = ids[p + m :]
+                break
+        return {"input_ids": ids, "labels": labels}
+
+    features = datasets.Features(
+        {"input_ids": datasets.List(datasets.Value("int32")), "labels": datasets.List(datasets.Value("int32"))}
+    )
+    ds = datasets.Dataset.from_json(str(data))
+    rows = ds.num_rows
+    ds = ds.map(encode, batched=False, num_proc=None, remove_columns=ds.column_names, features=features)
+    ds.to_parquet(str(out))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "rows_read": rows, "rows_per_s": rows / seconds, "out": str(out)}
+
+
+def agreement(baseline_out: str, pipeline_out: str) -> dict:
+    """How many rows both produce identically (the pipeline drops rows with no trained token)."""
+    import pyarrow.parquet as pq
+
+    base = pq.read_table(baseline_out)
+    ids, labels = base["input_ids"].to_pylist(), base["labels"].to_pylist()
+    kept = [(i, lab) for i, lab in zip(ids, labels) if any(x != -100 for x in lab)]
+    pipe = pq.read_table(f"{pipeline_out}/train")
+    pairs = list(zip(pipe["input_ids"].to_pylist(), pipe["labels"].to_pylist()))
+    same = sum(a == b for a, b in zip(kept, pairs)) if len(kept) == len(pairs) else None
+    return {"baseline_rows_trained": len(kept), "pipeline_rows": len(pairs), "identical_rows": same}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=50_000, help="rows to generate (default 50000)")
+    p.add_argument("--quick", action="store_true", help="smoke run with 5000 rows")
+    args = p.parse_args(argv)
+    n = 5000 if args.quick else args.rows
+    os.environ.pop("RAY_ADDRESS", None)  # always an embedded local Ray, never someone's cluster
+
+    with tempfile.TemporaryDirectory(prefix="prepare-bench-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        from sft_ray.tiny_model import build_tiny_model
+
+        model = build_tiny_model(work / "model")
+        data = work / "rows.jsonl"
+        gen = generate(data, n)
+        setup_s = time.perf_counter() - t0
+        print(f"generated {gen['rows']} rows, {gen['words']} words, {gen['bytes'] / 2**20:.1f} MiB in {setup_s:.1f}s")
+
+        baseline = run_baseline(data, model, work)
+        print(f"baseline: {baseline['seconds']:.2f}s")
+
+        from sft_ray.ray_runtime import ensure_ray
+
+        t0 = time.perf_counter()
+        ensure_ray()
+        ray_init_s = time.perf_counter() - t0
+        import ray
+
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        plain = run_pipeline(data, model, work, packing=False)
+        packed = run_pipeline(data, model, work, packing=True)
+        agree = agreement(baseline["out"], plain["out"])
+        ray.shutdown()
+
+    ratio = plain["rows_per_s"] / baseline["rows_per_s"]
+    rows = [
+        ("baseline (datasets.map)", baseline, None),
+        ("pipeline, packing off", plain, plain["layout"]),
+        ("pipeline, packing on", packed, packed["layout"]),
+    ]
+    head = f"{'':26}{'rows':>8}{'seconds':>9}{'manifest s':>11}{'rows/s':>9}{'out rows':>10}"
+    head += f"{'real tok':>11}{'computed tok':>14}{'real %':>8}"
+    print()
+    print(f"{n} rows, max_length {MAX_LENGTH}, {os.cpu_count()} CPUs ({cpus} for Ray), ray.init {ray_init_s:.2f}s")
+    print(head)
+    for name, r, lay in rows:
+        line = f"{name:26}{r['rows_read']:>8}{r['seconds']:>9.2f}"
+        line += f"{r['manifest_seconds']:>11.2f}" if "manifest_seconds" in r else f"{'-':>11}"
+        line += f"{r['rows_per_s']:>9.0f}"
+        if lay:
+            line += f"{lay['rows']:>10}{lay['real_tokens']:>11}{lay['computed_tokens']:>14}{lay['real_fraction']:>8.2%}"
+        else:
+            line += f"{'-':>10}{'-':>11}{'-':>14}{'-':>8}"
+        print(line)
+    print(f"pipeline / baseline rows/s: {ratio:.2f}x (target >= 1.5x)")
+    print(
+        f"packing: {packed['layout']['real_fraction']:.2%} real tokens (target >= 99%), "
+        f"without: {plain['layout']['real_fraction']:.2%}"
+    )
+    print(
+        f"same rows as the baseline: {agree['identical_rows']} of {agree['pipeline_rows']} "
+        f"(baseline rows with a trained token: {agree['baseline_rows_trained']})"
+    )
+    for r in (baseline, plain, packed):
+        r.pop("out")
+    summary = {
+        "bench": "prepare",
+        "rows": n,
+        "max_length": MAX_LENGTH,
+        "cpus": os.cpu_count(),
+        "ray_cpus": cpus,
+        "ray_init_s": round(ray_init_s, 2),
+        "baseline": _rounded(baseline),
+        "pipeline": _rounded(plain),
+        "pipeline_packed": _rounded(packed),
+        "ratio": round(ratio, 2),
+        "agreement": agree,
+    }
+    print(json.dumps(summary))
+    sys.stdout.flush()
+
+
+def _rounded(d: dict) -> dict:
+    return {k: (_rounded(v) if isinstance(v, dict) else round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""`sft-ray audit`: look at what will be trained before paying for it.
+
+Shows prepared rows with the trained tokens highlighted (terminal colours or an HTML page) and
+the dataset report from the manifest. Runs of equal label state are decoded whole, so the text
+shown is exactly what the tokens decode to (no per-token mojibake for multi-byte characters).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+
+import pyarrow.parquet as pq
+
+from sft_ray import storage
+
+TRAINED, PROMPT, RESET, BOUNDARY = "\x1b[30;42m", "\x1b[2m", "\x1b[0m", "\x1b[1;35m|\x1b[0m"
+
+
+def runs(input_ids: list[int], labels: list[int], position_ids: list[int] | None = None) -> list[tuple[str, list[int]]]:
+    """Split a row into runs: ("trained" | "prompt" | "boundary", token ids)."""
+    out: list[tuple[str, list[int]]] = []
+    for i, (t, lab) in enumerate(zip(input_ids, labels)):
+        if position_ids is not None and i > 0 and position_ids[i] == 0:
+            out.append(("boundary", []))
+        kind = "trained" if lab != -100 else "prompt"
+        if out and out[-1][0] == kind:
+            out[-1][1].append(t)
+        else:
+            out.append((kind, [t]))
+    return out
+
+
+def _rows(prepared: str, n: int) -> list[dict]:
+    fs, path = storage.filesystem(storage.join(prepared, "train"))
+    table = pq.read_table(path, filesystem=fs)
+    return table.slice(0, n).to_pylist()
+
+
+def report_lines(manifest: dict) -> list[str]:
+    lines = []
+    for split, s in manifest["splits"].items():
+        dropped = ", ".join(f"{r}={n}" for r, n in s["rows_dropped"].items()) or "none"
+        lines.append(
+            f"{split:5s} rows read {s['rows_read']}, kept {s['rows_kept']}, written {s.get('rows_written', '?')}, "
+            f"truncated {s['rows_truncated']}, dropped: {dropped}"
+        )
+        lines.append(
+            f"      tokens {s['tokens']}, trained {s['trained_tokens']} ({s['trained_fraction']:.1%} of tokens)"
+        )
+        if split == "train":
+            top = max([b["rows"] for b in s["length_histogram"]] or [1]) or 1
+            for b in s["length_histogram"]:
+                bar = "#" * round(40 * b["rows"] / top)
+                lines.append(f"      {b['from']:>5}-{b['to']:<5} {b['rows']:>7} {bar}")
+    layout = manifest.get("layout")
+    if layout:
+        lines.append(
+            f"layout: {'packed' if layout['packing'] else 'padded'}, {layout['rows']} rows, real/computed tokens "
+            f"{layout['real_tokens']}/{layout['computed_tokens']} = {layout['real_fraction']:.1%} ({layout['note']})"
+        )
+    return lines
+
+
+def terminal(tokenizer, rows: list[dict], manifest: dict, color: bool) -> str:
+    out = []
+    for k, row in enumerate(rows):
+        out.append(f"--- row {k} ({len(row['input_ids'])} tokens) ---")
+        parts = []
+        for kind, ids in runs(row["input_ids"], row["labels"], row.get("position_ids")):
+            text = tokenizer.decode(ids)
+            if kind == "boundary":
+                parts.append(BOUNDARY if color else "|")
+            elif color:
+                parts.append((TRAINED if kind == "trained" else PROMPT) + text + RESET)
+            else:
+                parts.append(f"[[{text}]]" if kind == "trained" else text)
+        out.append("".join(parts))
+    legend = "trained tokens on green" if color else "trained tokens in [[...]]"
+    return "\n".join([*out, "", f"({legend})", *report_lines(manifest)])
+
+
+def html_page(tokenizer, rows: list[dict], manifest: dict) -> str:
+    body = []
+    for k, row in enumerate(rows):
+        spans = []
+        for kind, ids in runs(row["input_ids"], row["labels"], row.get("position_ids")):
+            if kind == "boundary":
+                spans.append('<span class="b">|</span>')
+            else:
+                spans.append(f'<span class="{kind[0]}">{html.escape(tokenizer.decode(ids))}</span>')
+        body.append(f"<h3>row {k} ({len(row['input_ids'])} tokens)</h3><pre>{''.join(spans)}</pre>")
+    report = html.escape("\n".join(report_lines(manifest)))
+    return (
+        "<!doctype html><meta charset='utf-8'><title>sft-ray audit</title><style>"
+        "body{font-family:sans-serif;margin:2em}pre{white-space:pre-wrap;background:#f6f6f6;padding:.6em}"
+        ".t{background:#b6f2b6}.p{color:#666}.b{color:#c0c;font-weight:bold}</style>"
+        "<h1>sft-ray audit</h1><p><span class='t'>trained tokens</span> / <span class='p'>prompt (label -100)"
+        f"</span></p><h2>Dataset report</h2><pre>{report}</pre><h2>Examples</h2>{''.join(body)}"
+    )
+
+
+def audit(cfg, n: int = 5, html_path: str | None = None, color: bool | None = None) -> str:
+    from sft_ray.data.pipeline import prepare
+    from sft_ray.model import load_tokenizer
+
+    prepared, manifest = prepare(cfg)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    rows = _rows(prepared, n)
+    if html_path:
+        tmp = f"{html_path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(html_page(tokenizer, rows, manifest))
+        os.replace(tmp, html_path)
+    return terminal(tokenizer, rows, manifest, color)
