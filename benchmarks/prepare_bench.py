@@ -33,14 +33,20 @@ MARKER = "### Output\n"
 
 
 def _vocabulary(rng: random.Random) -> tuple[list[str], list[float]]:
-    """Words the tiny tokenizer knows, plus pseudo-words it has to split; Zipf-like weights."""
+    """Words the tiny tokenizer knows (one token each) and, for 10% of the draws, made-up words it
+    has to split (about 5 tokens each): about 1.4 tokens per word, like English text on a real
+    tokenizer. Zipf-like weights within each group."""
     from sft_ray.tiny_model import _WORDS
 
     letters = "etaoinshrdlcumwfgypbvkjxqz"
-    made = {"".join(rng.choices(letters, k=rng.randint(2, 10))) for _ in range(3000)}
-    words = list(_WORDS) + sorted(made)
-    rng.shuffle(words)
-    return words, [1.0 / (r + 1) for r in range(len(words))]
+    made = sorted({"".join(rng.choices(letters, k=rng.randint(3, 8))) for _ in range(500)})
+    known = list(_WORDS)
+    rng.shuffle(known)
+    rng.shuffle(made)
+    zipf_known = [1.0 / (r + 1) for r in range(len(known))]
+    zipf_made = [1.0 / (r + 1) for r in range(len(made))]
+    scale = 0.9 / sum(zipf_known), 0.1 / sum(zipf_made)
+    return known + made, [w * scale[0] for w in zipf_known] + [w * scale[1] for w in zipf_made]
 
 
 def _length(rng: random.Random, lo: int, hi: int, median: float, tail: float = 0.0, tail_hi: int = 0) -> int:

@@ -1,4 +1,4 @@
-"""Paths and URIs (local/NFS folders now), JSON manifests, and atomic publication of folders.
+"""Paths and URIs (local/NFS folders and s3://), JSON manifests, and whole-or-nothing publication.
 
 Everything goes through pyarrow filesystems, the same layer Ray Train and Ray Data use, so a
 path that works for one works for all.
@@ -12,7 +12,10 @@ import shutil
 import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+COMPLETE = "COMPLETE"  # written last into a published folder
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -40,7 +43,10 @@ def read_json(uri: str) -> dict:
 
 def write_json(uri: str, obj: dict) -> None:
     """Write whole or not at all: a reader never sees half a file."""
-    data = json.dumps(obj, indent=2, sort_keys=True).encode()
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def write_bytes(uri: str, data: bytes) -> None:
     if is_local(uri):
         tmp = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
         Path(tmp).parent.mkdir(parents=True, exist_ok=True)
@@ -52,8 +58,31 @@ def write_json(uri: str, obj: dict) -> None:
         f.write(data)
 
 
+def delete_dir(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def upload_dir(local_dir: str, dest: str) -> None:
+    """Copy a local folder's files into `dest` (merging; for logs that only grow)."""
+    fs, path = filesystem(dest)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(local_dir, path, destination_filesystem=fs)
+
+
 def publish_dir(local_dir: str, dest: str) -> None:
-    """Put the contents of `local_dir` at `dest`, replacing what was there, never half-copied."""
+    """Put the contents of `local_dir` at `dest`, replacing what was there, never half-copied.
+
+    Locally the folder is copied aside and renamed into place. An object store has no rename:
+    the old prefix is removed, the files are uploaded, and `COMPLETE` is written last; readers
+    of an s3:// folder trust it only when `COMPLETE` is there.
+    """
+    if not is_local(dest):
+        delete_dir(dest)
+        upload_dir(local_dir, dest)
+        write_bytes(join(dest, COMPLETE), b"ok")
+        return
     parent = os.path.dirname(dest.rstrip("/"))
     os.makedirs(parent, exist_ok=True)
     tmp = f"{dest.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
@@ -62,19 +91,24 @@ def publish_dir(local_dir: str, dest: str) -> None:
     if os.path.exists(dest):
         old = f"{dest.rstrip('/')}.old-{uuid.uuid4().hex[:8]}"
         os.replace(dest, old)
+    Path(tmp, COMPLETE).write_bytes(b"ok")
     os.replace(tmp, dest)
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
 
+class StorageError(ValueError):
+    """Storage that cannot be used; raised before any work starts."""
+
+
 def check_writable(uri: str) -> None:
-    """Fail before any work starts when the storage cannot be written."""
-    if not is_local(uri):
-        raise ValueError(f"storage.path: only local or NFS folders are supported so far, got {uri}")
-    probe = Path(uri) / f".write-probe-{uuid.uuid4().hex[:8]}"
+    """Fail before any work starts when the storage cannot be written (or reached)."""
+    probe = join(uri, f".write-probe-{uuid.uuid4().hex[:8]}")
     try:
-        probe.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"storage.path {uri} is not writable: {err}") from None
+        if is_local(uri):
+            Path(uri).mkdir(parents=True, exist_ok=True)
+        write_bytes(probe, b"ok")
+        fs, path = filesystem(probe)
+        fs.delete_file(path)
+    except (OSError, pa.ArrowException) as err:
+        raise StorageError(f"storage.path {uri} is not writable: {err}") from None

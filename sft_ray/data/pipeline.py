@@ -310,6 +310,28 @@ def check_trainable(manifest: dict, cfg: Config, where: str) -> None:
         )
 
 
+def _build(cfg: Config, out: str) -> dict:
+    """Write the prepared splits to `out` (without the manifest), never mixing with an older attempt.
+
+    Locally the folder is built aside and renamed into place; an object store has no rename, so
+    any earlier partial prefix is removed first and the manifest, written last, marks completion.
+    """
+    if not storage.is_local(out):
+        storage.check_writable(out)
+        storage.delete_dir(out)
+        return _run(cfg, out)
+    storage.check_writable(os.path.dirname(out))
+    tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        manifest = _run(cfg, tmp)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
 def prepare(cfg: Config, output: str | None = None) -> tuple[str, dict]:
     """Prepare the data once; reuse an identical earlier preparation. Returns (folder, manifest)."""
     if output is None:
@@ -320,20 +342,12 @@ def prepare(cfg: Config, output: str | None = None) -> tuple[str, dict]:
             check_trainable(manifest, cfg, storage.join(out, "manifest.json"))
             return out, manifest
     else:
-        out = os.path.abspath(output)
+        out = output if not storage.is_local(output) else os.path.abspath(output)
     _check_chat_template(cfg)
-    storage.check_writable(os.path.dirname(out))
-    tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
     start = time.time()
-    try:
-        manifest = _run(cfg, tmp)
-        manifest["seconds"] = round(time.time() - start, 2)
-        storage.write_json(storage.join(tmp, "manifest.json"), manifest)  # last: marks it complete
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    manifest = _build(cfg, out)
+    manifest["seconds"] = round(time.time() - start, 2)
+    storage.write_json(storage.join(out, "manifest.json"), manifest)  # last: marks the folder complete
     s = manifest["splits"]["train"]
     print(
         f"prepared data: {out} (train {s['rows_kept']}/{s['rows_read']} rows kept, "
