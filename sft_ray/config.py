@@ -40,6 +40,8 @@ class LoraConfig(_Strict):
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    use_dora: bool = False
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
 
 
 Format = Literal["instruction", "alpaca", "prompt_completion", "messages", "text"]
@@ -74,6 +76,14 @@ class DataConfig(_Strict):
 class TrainConfig(_Strict):
     learning_rate: float = Field(2.0e-4, gt=0)
     epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # when set, overrides epochs
+    warmup: float = Field(0.0, ge=0)  # below 1: a fraction of the steps; from 1: a number of steps
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    max_failures: int = Field(0, ge=0)  # worker-group restarts from the last checkpoint
+    report_to: list[Literal["tensorboard", "mlflow"]] = []
     per_device_batch_size: int = Field(8, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     logging_steps: int = Field(10, gt=0)

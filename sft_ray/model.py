@@ -42,9 +42,32 @@ def load_model(cfg: Config, device):
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kwargs)
     if q is None:
         model.to(device)
-    if device.type == "cpu" and model.dtype == torch.float16:
-        model.to(torch.float32)  # fp16 matmuls are not supported on every CPU
-    return model
+        if device.type == "cpu" and model.dtype == torch.float16:
+            model.to(torch.float32)  # fp16 matmuls are not supported on every CPU
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    if device.type == "cpu":
+        keep_4bit_trainable_on_cpu(model)
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
+def keep_4bit_trainable_on_cpu(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights on the first eval-mode CPU forward.
+
+    On CPUs with avx512_bf16 that repacking routes every later forward through a kernel with no
+    autograd, so gradients through the frozen base silently vanish after an evaluation or a
+    generation (stack-notes §8.3). Training must never depend on whether eval ran first.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(cfg: Config):
@@ -55,5 +78,7 @@ def lora_config(cfg: Config):
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
+        use_dora=cfg.lora.use_dora,
+        use_rslora=cfg.lora.use_rslora,
         task_type="CAUSAL_LM",
     )

@@ -5,6 +5,8 @@ Light on purpose: no torch or transformers import here; those happen in the work
 
 from __future__ import annotations
 
+import os
+
 from sft_ray import storage
 from sft_ray.config import Config
 from sft_ray.data.pipeline import prepare
@@ -32,6 +34,15 @@ def _check_resources(cfg: Config) -> None:
         )
 
 
+def _fault_injection() -> dict:
+    """`SFT_RAY_FAIL_AT_STEP=STEP[:RANK]` kills that worker once at that step (failure tests)."""
+    spec = os.environ.get("SFT_RAY_FAIL_AT_STEP")
+    if not spec:
+        return {}
+    step, _, rank = spec.partition(":")
+    return {"step": int(step), "rank": int(rank or 0)}
+
+
 def train(cfg: Config) -> dict:
     """Run one training job end to end; returns rank 0's summary."""
     import ray.train
@@ -50,7 +61,7 @@ def train(cfg: Config) -> dict:
         datasets["eval"] = eval_ds
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "prepared": prepared},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "manifest": manifest, "fail": _fault_injection()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -59,7 +70,13 @@ def train(cfg: Config) -> dict:
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=cfg.storage.path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.storage.keep_checkpoints),
+            # Keeps the best by eval loss; Ray always keeps the latest too, for resuming.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.storage.keep_checkpoints,
+                checkpoint_score_attribute="eval_loss" if "eval" in datasets else None,
+                checkpoint_score_order="min",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets=datasets,
         # Every worker gets all rows; Accelerate inside the HF Trainer shards them exactly once.

@@ -25,6 +25,7 @@ def summarize(trainer, before: dict, after: dict, train_metrics: dict) -> dict:
     history = _loss_history(trainer.state.log_history, before.get("eval_loss"))
     tokens = max([e.get("num_tokens", 0) for e in trainer.state.log_history] or [0])
     runtime = train_metrics.get("train_runtime") or 0.0
+    rates = [e["trained_tokens_per_s"] for e in trainer.state.log_history if "trained_tokens_per_s" in e]
     return {
         "global_step": trainer.state.global_step,
         "eval_loss_before": before.get("eval_loss"),
@@ -34,12 +35,29 @@ def summarize(trainer, before: dict, after: dict, train_metrics: dict) -> dict:
         "train_runtime_s": runtime,
         "tokens_seen": tokens,
         "tokens_per_second": tokens / runtime if runtime else None,
+        "trained_tokens_per_second": sum(rates) / len(rates) if rates else None,
         "history": history,
     }
 
 
+def clean_stop(generation: dict, next_prompt_marker: str = "### Question") -> bool:
+    """Ended with EOS on its own, without running on into a new prompt first."""
+    return generation["stopped"] and next_prompt_marker not in generation["text"]
+
+
+def _share(generations: list[dict]) -> float | None:
+    return sum(map(clean_stop, generations)) / len(generations) if generations else None
+
+
 def write_final(
-    cfg: Config, trainer, tokenizer, prompts: list[dict], before: dict, after: dict, train_metrics: dict
+    cfg: Config,
+    trainer,
+    tokenizer,
+    prompts: list[dict],
+    before: dict,
+    after: dict,
+    train_metrics: dict,
+    manifest: dict,
 ) -> dict:
     """Write `final/` whole (never half) and return the summary the driver prints."""
     summary = summarize(trainer, before, after, train_metrics)
@@ -47,11 +65,16 @@ def write_final(
         {
             "prompt": tokenizer.decode(p["prompt_ids"], skip_special_tokens=True),
             "reference": tokenizer.decode(p["reference_ids"], skip_special_tokens=False),
-            "before": b,
-            "after": a,
+            "before": b["text"],
+            "after": a["text"],
         }
         for p, b, a in zip(prompts, before.get("generations", []), after.get("generations", []))
     ]
+    shares = {
+        "eos_share_before": _share(before.get("generations", [])),
+        "eos_share_after": _share(after.get("generations", [])),
+    }
+    summary.update(shares)
     dest = storage.join(run_dir(cfg), "final")
     with tempfile.TemporaryDirectory() as tmp:
         trainer.model.save_pretrained(tmp)
@@ -59,6 +82,7 @@ def write_final(
         with open(f"{tmp}/config.yaml", "w") as f:
             yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
         storage.write_json(f"{tmp}/metrics.json", summary)
-        storage.write_json(f"{tmp}/samples.json", {"samples": samples})
+        storage.write_json(f"{tmp}/samples.json", {"samples": samples, **shares})
+        storage.write_json(f"{tmp}/data_manifest.json", manifest)
         storage.publish_dir(tmp, dest)
     return {**summary, "final_dir": dest, "samples": samples}

@@ -1,4 +1,4 @@
-"""What every Ray Train worker runs: TRL's SFTTrainer with a LoRA adapter on prepared rows.
+"""What every Ray Train worker runs: TRL's SFTTrainer with a LoRA (or QLoRA) adapter on prepared rows.
 
 Heavy imports (torch, transformers, trl, peft) happen here, inside the worker process.
 Every worker receives all prepared rows and Accelerate shards them (DataConfig(datasets_to_split=[])
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+from sft_ray import storage
 from sft_ray.config import Config
 from sft_ray.data.tokenize import IGNORE
 
@@ -25,7 +26,7 @@ def _to_hf(shard):
     )
 
 
-def _even_out(ds, per_step_rows: int, pad_token_id: int):
+def even_out(ds, per_step_rows: int, pad_token_id: int):
     """Append rows with no trained token so the row count divides by workers x batch size.
 
     Accelerate would otherwise fill the last round by repeating rows from the start: some rows
@@ -43,33 +44,7 @@ def _even_out(ds, per_step_rows: int, pad_token_id: int):
     return datasets.concatenate_datasets([ds, filler.cast(ds.features)])
 
 
-def _report_callback():
-    """Report to Ray Train at each save (rank 0 uploads the HF checkpoint once) and each eval."""
-    import ray.train
-    from transformers import TrainerCallback
-
-    class RayReport(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            metrics = _latest_metrics(state)
-            metrics["step"] = state.global_step
-            ckpt = None
-            if ray.train.get_context().get_world_rank() == 0:
-                path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-                ckpt = ray.train.Checkpoint.from_directory(path)
-            # A barrier: every rank reports, only rank 0 carries files, so storage gets one copy.
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{state.global_step:07d}")
-
-    return RayReport()
-
-
-def _latest_metrics(state) -> dict:
-    merged: dict = {}
-    for entry in state.log_history:
-        merged.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
-    return merged
-
-
-def _sample_prompts(eval_ds, n: int) -> list[dict]:
+def sample_prompts(eval_ds, n: int) -> list[dict]:
     """The first n held-out rows split into prompt ids (the untrained prefix) and reference ids."""
     out = []
     for row in eval_ds.select(range(min(n, len(eval_ds)))):
@@ -79,10 +54,11 @@ def _sample_prompts(eval_ds, n: int) -> list[dict]:
     return out
 
 
-def _generate(model, tokenizer, prompts: list[dict], device) -> list[str]:
+def generate(model, tokenizer, prompts: list[dict], device) -> list[dict]:
+    """Greedy continuations; `stopped` is whether the model produced EOS itself."""
     import torch
 
-    texts = []
+    results = []
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -96,23 +72,33 @@ def _generate(model, tokenizer, prompts: list[dict], device) -> list[str]:
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=False))
+            new = out[0, ids.shape[1] :].tolist()
+            results.append({"text": tokenizer.decode(new), "stopped": tokenizer.eos_token_id in new})
     model.train(was_training)
-    return texts
+    return results
 
 
-def _sft_config(cfg: Config, output_dir: str, use_cpu: bool, has_eval: bool):
+def _sft_config(cfg: Config, output_dir: str, device, has_eval: bool):
     from trl import SFTConfig
 
     t = cfg.train
+    on_gpu = device.type == "cuda"
+    bf16 = on_gpu and (
+        cfg.model.dtype == "bfloat16" or (cfg.quantization is not None and cfg.quantization.compute_dtype == "bfloat16")
+    )
     return SFTConfig(
         output_dir=output_dir,
-        use_cpu=use_cpu,
+        use_cpu=not on_gpu,
         num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
         per_device_train_batch_size=t.per_device_batch_size,
         per_device_eval_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=t.eval_steps,
@@ -121,9 +107,10 @@ def _sft_config(cfg: Config, output_dir: str, use_cpu: bool, has_eval: bool):
         save_total_limit=1,  # local copies only; the kept checkpoints live in storage
         seed=t.seed,
         data_seed=t.seed,
-        bf16=not use_cpu and cfg.model.dtype == "bfloat16",
-        gradient_checkpointing=False,  # TRL defaults it on (stack-notes T2)
-        report_to="none",
+        bf16=bf16,
+        gradient_checkpointing=t.gradient_checkpointing,  # TRL would default it on (stack-notes T2)
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        report_to=list(t.report_to) or "none",
         disable_tqdm=True,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
@@ -132,56 +119,75 @@ def _sft_config(cfg: Config, output_dir: str, use_cpu: bool, has_eval: bool):
     )
 
 
+def _local_dir(name: str) -> str:
+    """One fresh folder per attempt, the same on every rank of a node (rank 0 picks, all agree)."""
+    import uuid
+
+    import torch.distributed as dist
+
+    box = [uuid.uuid4().hex[:8]]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return os.path.join(tempfile.gettempdir(), "sft-ray", f"{name}-{box[0]}")
+
+
+def _baseline(cfg: Config, trainer, tokenizer, prompts, device, rank: int, resumed: bool) -> dict:
+    """Eval loss and generations before training, kept in storage so a resumed run still has them."""
+    uri = storage.join(cfg.storage.path, cfg.name, "baseline.json")
+    if resumed and storage.exists(uri):
+        return storage.read_json(uri)
+    before = {}
+    if trainer.eval_dataset is not None:
+        before["eval_loss"] = trainer.evaluate()["eval_loss"]
+    if rank == 0:
+        before["generations"] = generate(trainer.model, tokenizer, prompts, device) if prompts else []
+        storage.write_json(uri, before)
+    return before
+
+
 def train_loop(loop_config: dict) -> dict:
     import ray.train
     from trl import SFTTrainer
 
     from sft_ray.model import load_model, load_tokenizer, lora_config
+    from sft_ray.train.callbacks import RunCallback, TokenCounter
     from sft_ray.train.collate import make_collator
     from sft_ray.train.final import write_final
 
     cfg = Config.model_validate(loop_config["config"])
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    use_cpu = device.type == "cpu"
+    run_dir = storage.join(cfg.storage.path, cfg.name)
+    output_dir = _local_dir(cfg.name)
+    tb_dir = os.path.join(output_dir, "tensorboard") if "tensorboard" in cfg.train.report_to else None
+    if tb_dir:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = tb_dir
 
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     model = load_model(cfg, device)
-    train_ds = _even_out(
-        _to_hf(ray.train.get_dataset_shard("train")),
-        ctx.get_world_size() * cfg.train.per_device_batch_size,
-        tokenizer.pad_token_id,
+    train_ds = even_out(
+        _to_hf(ray.train.get_dataset_shard("train")), world * cfg.train.per_device_batch_size, tokenizer.pad_token_id
     )
     eval_shard = ray.train.get_dataset_shard("eval")
     eval_ds = _to_hf(eval_shard) if eval_shard is not None else None
-
-    # Each rank on a node writes HF's local checkpoints into one folder; rank 0 uploads it.
-    output_dir = os.path.join(
-        tempfile.gettempdir(),
-        "sft-ray",
-        cfg.name,
-        ctx.get_run_name() if hasattr(ctx, "get_run_name") else "run",
-    )
+    counter = TokenCounter(make_collator(tokenizer.pad_token_id))
+    callback = RunCallback(counter, run_dir, rank, device, tb_dir, loop_config.get("fail", {}))
     trainer = SFTTrainer(
         model=model,
-        args=_sft_config(cfg, output_dir, use_cpu, eval_ds is not None),
+        args=_sft_config(cfg, output_dir, device, eval_ds is not None),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
-        data_collator=make_collator(tokenizer.pad_token_id),
-        callbacks=[_report_callback()],
+        data_collator=counter,
     )
+    # First in line, so the throughput it adds to each log reaches TensorBoard and MLflow too.
+    trainer.callback_handler.callbacks.insert(0, callback)
 
     checkpoint = ray.train.get_checkpoint()
-    prompts = _sample_prompts(eval_ds, cfg.train.samples) if eval_ds is not None else []
-    before = {}
-    if checkpoint is None:
-        if eval_ds is not None:
-            before["eval_loss"] = trainer.evaluate()["eval_loss"]
-        if rank == 0 and prompts:
-            before["generations"] = _generate(trainer.model, tokenizer, prompts, device)
+    prompts = sample_prompts(eval_ds, cfg.train.samples) if eval_ds is not None else []
+    before = _baseline(cfg, trainer, tokenizer, prompts, device, rank, checkpoint is not None)
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             result = trainer.train(resume_from_checkpoint=ckpt_dir)
@@ -191,8 +197,11 @@ def train_loop(loop_config: dict) -> dict:
 
     summary = {}
     if rank == 0:
-        if prompts:
-            after["generations"] = _generate(trainer.model, tokenizer, prompts, device)
-        summary = write_final(cfg, trainer, tokenizer, prompts, before, after, result.metrics)
-    ray.train.report({"done": 1, **{k: v for k, v in summary.items() if isinstance(v, (int, float))}})
+        after["generations"] = generate(trainer.model, tokenizer, prompts, device) if prompts else []
+        summary = write_final(cfg, trainer, tokenizer, prompts, before, after, result.metrics, loop_config["manifest"])
+        callback.upload_logs()
+    final_metrics = {"done": 1, "step": trainer.state.global_step}
+    if "eval_loss" in after:
+        final_metrics["eval_loss"] = after["eval_loss"]
+    ray.train.report(final_metrics)
     return summary

@@ -1,0 +1,147 @@
+"""Trainer callbacks run on every worker: token accounting, metrics.jsonl, reports to Ray Train.
+
+Every rank calls `ray.train.report` at the same points (it is a barrier); only rank 0 attaches
+the HF checkpoint folder, other ranks attach just their own RNG state file, so storage holds one
+copy of every file an exact resume needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import tempfile
+import time
+
+from transformers import TrainerCallback
+
+from sft_ray import storage
+
+IGNORE = -100
+
+
+class TokenCounter:
+    """Wraps the collator and counts trained, real and computed tokens of the batches it builds."""
+
+    def __init__(self, collate):
+        self.collate = collate
+        self.totals = [0, 0, 0]  # trained, real, computed
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collate(examples)
+        real = sum(len(e["input_ids"]) for e in examples if any(x != IGNORE for x in e["labels"]))
+        self.totals[0] += int((batch["labels"] != IGNORE).sum())
+        self.totals[1] += real
+        self.totals[2] += batch["input_ids"].numel()
+        return batch
+
+
+def _peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class RunCallback(TrainerCallback):
+    def __init__(self, counter: TokenCounter, run_dir: str, rank: int, device, tb_dir: str | None, fail: dict):
+        self.counter, self.run_dir, self.rank, self.device = counter, run_dir, rank, device
+        self.tb_dir, self.fail = tb_dir, fail
+        self.snapshot = list(counter.totals)
+        self.logged = list(counter.totals)
+        self.log_time = time.time()
+        self.lines: list[str] = []
+        self.training = False  # evaluations outside train() (baseline, final) are not reported
+        metrics_uri = storage.join(run_dir, "metrics.jsonl")
+        if rank == 0 and storage.exists(metrics_uri):  # a resumed run continues the same file
+            fs, path = storage.filesystem(metrics_uri)
+            with fs.open_input_stream(path) as f:
+                self.lines = [line for line in f.read().decode().splitlines() if line.strip()]
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
+        self.log_time = time.time()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
+
+    # Eval batches go through the same collator: count them out again.
+    def on_step_end(self, args, state, control, **kwargs):
+        self.snapshot = list(self.counter.totals)
+        if self.fail.get("step") == state.global_step and self.fail.get("rank") == self.rank:
+            self._crash_once()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.counter.totals = list(self.snapshot)
+        if self.training and not control.should_save:  # a save follows at this step and reports these metrics with it
+            _report(self._metrics(state), None, None)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs if logs is not None else {}
+        if "loss" in logs:
+            logs.update(self._throughput())
+        if self.rank == 0:
+            record = {"step": state.global_step, "epoch": state.epoch, "time": time.time()}
+            record.update({k: v for k, v in logs.items() if isinstance(v, (int, float)) and k != "epoch"})
+            self.lines.append(json.dumps(record))
+            storage.write_bytes(storage.join(self.run_dir, "metrics.jsonl"), ("\n".join(self.lines) + "\n").encode())
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        name = f"checkpoint-{state.global_step:07d}"
+        if self.rank == 0:
+            _report(self._metrics(state), folder, name)
+            self.upload_logs()
+            return
+        with tempfile.TemporaryDirectory() as own:
+            rng = os.path.join(folder, f"rng_state_{self.rank}.pth")
+            if os.path.exists(rng):
+                shutil.copy(rng, own)
+            _report(self._metrics(state), own, name)
+
+    def upload_logs(self) -> None:
+        if self.rank == 0 and self.tb_dir and os.path.isdir(self.tb_dir):
+            storage.upload_dir(self.tb_dir, storage.join(self.run_dir, "tensorboard"))
+
+    def _throughput(self) -> dict:
+        import torch
+        import torch.distributed as dist
+
+        now = time.time()
+        delta = torch.tensor([t - s for t, s in zip(self.counter.totals, self.logged)], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(delta)
+        trained, real, computed = delta.tolist()
+        elapsed = max(now - self.log_time, 1e-9)
+        self.logged, self.log_time = list(self.counter.totals), now
+        return {
+            "trained_tokens_per_s": trained / elapsed,
+            "real_tokens_fraction": real / computed if computed else 0.0,
+            "peak_memory_mb": _peak_memory_mb(self.device),
+        }
+
+    def _metrics(self, state) -> dict:
+        merged: dict = {}
+        for entry in state.log_history:
+            merged.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
+        merged["step"] = state.global_step
+        return merged
+
+    def _crash_once(self) -> None:
+        """Fault injection for the failure tests: SIGKILL this worker once per run."""
+        marker = storage.join(self.run_dir, f".crashed-at-{self.fail['step']}")
+        if storage.exists(marker):
+            return
+        storage.write_bytes(marker, b"")
+        time.sleep(self.fail.get("delay_s", 3.0))  # let the controller register the last checkpoint
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _report(metrics: dict, folder: str | None, name: str | None) -> None:
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if folder else None)
