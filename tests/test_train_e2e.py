@@ -16,6 +16,8 @@ def test_two_workers_train_and_write_final(tmp_path, tiny_model, tokenizer, ray_
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from sft_ray.export import find_checkpoint, merge
+    from sft_ray.report import write_report
     from sft_ray.train.driver import train
 
     base_digest = hashlib.sha256((tiny_model / "model.safetensors").read_bytes()).hexdigest()
@@ -25,15 +27,8 @@ def test_two_workers_train_and_write_final(tmp_path, tiny_model, tokenizer, ray_
         write_jsonl(tmp_path / "train.jsonl", ROWS),
         write_jsonl(tmp_path / "eval.jsonl", ROWS[:8]),
         name="e2e",
-        train={
-            "epochs": 1,
-            "per_device_batch_size": 4,
-            "learning_rate": 5e-3,
-            "logging_steps": 1,
-            "eval_steps": 3,
-            "save_steps": 3,
-            "samples": 2,
-        },
+        train={"epochs": 1, "per_device_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1,
+               "eval_steps": 2, "save_steps": 2, "samples": 2, "report_to": ["tensorboard"]},
         scaling={"num_workers": 2},
         storage={"keep_checkpoints": 1},
     )
@@ -43,25 +38,31 @@ def test_two_workers_train_and_write_final(tmp_path, tiny_model, tokenizer, ray_
     assert summary["global_step"] == 6
     run = tmp_path / "storage" / "e2e"
     final = run / "final"
-    assert {
-        "adapter_config.json",
-        "adapter_model.safetensors",
-        "tokenizer.json",
-        "config.yaml",
-        "metrics.json",
-        "samples.json",
-    } <= {p.name for p in final.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.yaml", "metrics.json",
+            "samples.json", "data_manifest.json", "COMPLETE"} <= {p.name for p in final.iterdir()}
     metrics = json.loads((final / "metrics.json").read_text())
     assert [e["step"] for e in metrics["history"]["train"]] == [1, 2, 3, 4, 5, 6]
-    assert [e["step"] for e in metrics["history"]["eval"]] == [0, 3, 6]
+    assert [e["step"] for e in metrics["history"]["eval"]] == [0, 2, 4, 6]
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
-    assert len(json.loads((final / "samples.json").read_text())["samples"]) == 2
-    # keep_checkpoints=1: only the step-6 checkpoint remains, holding what a resume needs.
+    samples = json.loads((final / "samples.json").read_text())
+    assert len(samples["samples"]) == 2 and 0 <= samples["eos_share_after"] <= 1
+
+    # metrics.jsonl: one line per log, with throughput and memory on training logs.
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in train_lines] == [1, 2, 3, 4, 5, 6]
+    assert all(x["trained_tokens_per_s"] > 0 and 0 < x["real_tokens_fraction"] <= 1 for x in train_lines)
+    assert all(x["peak_memory_mb"] > 50 and "learning_rate" in x and "grad_norm" in x for x in train_lines)
+    assert sorted({x["step"] for x in lines if "eval_loss" in x}) == [0, 2, 4, 6]  # 0: before training
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    # keep_checkpoints=1 keeps the best by eval loss and always the latest (step 6).
     ckpts = sorted(p.name for p in run.glob("checkpoint-*"))
-    assert ckpts == ["checkpoint-0000006"]
-    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= {
-        p.name for p in (run / ckpts[0]).iterdir()
-    }
+    assert "checkpoint-0000006" in ckpts and len(ckpts) <= 2
+    latest = run / "checkpoint-0000006"
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json",
+            "rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in latest.iterdir()}
+    assert not list(latest.glob("*/adapter_model.safetensors"))  # one copy, no nested duplicates
 
     # The adapter holds LoRA tensors only, all B matrices moved away from their zero init.
     tensors = load_file(final / "adapter_model.safetensors")
@@ -81,3 +82,47 @@ def test_two_workers_train_and_write_final(tmp_path, tiny_model, tokenizer, ray_
     for name, value in base_again.state_dict().items():
         if "lora_" not in name and "base_layer" not in name and name in fresh:
             assert torch.equal(value, fresh[name]), name
+
+    # Report and export work on the real run folder.
+    report = write_report(str(run))
+    assert (report / "loss.png").stat().st_size > 1000 and "eval" in (report / "index.html").read_text()
+    assert find_checkpoint(str(run), "latest") == latest
+    merged = merge(str(find_checkpoint(str(run), "final")), str(tmp_path / "merged"))
+    with torch.no_grad():
+        merged_logits = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits
+    assert torch.allclose(merged_logits, tuned_logits, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_qlora_two_workers_awkward_row_count(tmp_path, tiny_model, ray_local):
+    """13 rows on 2 workers x 4: filler rows even out the steps, every row trained once, no hang."""
+    from safetensors.torch import load_file
+
+    from sft_ray.train.driver import train
+
+    cfg = make_config(
+        tmp_path,
+        tiny_model,
+        write_jsonl(tmp_path / "train.jsonl", ROWS[:13]),
+        name="qlora",
+        quantization={"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"},
+        lora={"target_modules": "all-linear"},
+        train={"epochs": 2, "per_device_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 100},
+        scaling={"num_workers": 2},
+    )
+    summary = train(cfg)
+    assert summary["global_step"] == 4  # ceil(13 / 8) = 2 steps per epoch, 2 epochs
+    tensors = load_file(tmp_path / "storage" / "qlora" / "final" / "adapter_model.safetensors")
+    assert any("mlp.down_proj" in k for k in tensors)  # all-linear reached the MLP
+    assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)
+
+
+def test_unwritable_storage_fails_before_training(tmp_path, tiny_model):
+    from sft_ray.storage import StorageError
+    from sft_ray.train.driver import train
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    cfg = make_config(tmp_path, tiny_model, write_jsonl(tmp_path / "t.jsonl", ROWS), storage={"path": str(blocker)})
+    with pytest.raises(StorageError, match="is not writable"):
+        train(cfg)

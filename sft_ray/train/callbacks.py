@@ -23,19 +23,32 @@ IGNORE = -100
 
 
 class TokenCounter:
-    """Wraps the collator and counts trained, real and computed tokens of the batches it builds."""
+    """Counts trained, real and computed tokens of the batches the trainer steps on.
 
-    def __init__(self, collate):
-        self.collate = collate
+    It wraps `trainer.training_step`, not the collator: the dataloader collates one batch ahead,
+    and evaluation batches go through the same collator.
+    """
+
+    def __init__(self):
         self.totals = [0, 0, 0]  # trained, real, computed
 
-    def __call__(self, examples: list[dict]) -> dict:
-        batch = self.collate(examples)
-        real = sum(len(e["input_ids"]) for e in examples if any(x != IGNORE for x in e["labels"]))
-        self.totals[0] += int((batch["labels"] != IGNORE).sum())
+    def add(self, inputs: dict) -> None:
+        ids = inputs["input_ids"]
+        if "attention_mask" in inputs:
+            real = int(inputs["attention_mask"].sum())
+        else:  # padding-free: every pad position is a length-1 "sequence"; real examples are longer
+            lengths = inputs["cu_seq_lens_q"].diff()
+            real = int(lengths[lengths > 1].sum())
+        self.totals[0] += int((inputs["labels"] != IGNORE).sum())
         self.totals[1] += real
-        self.totals[2] += batch["input_ids"].numel()
-        return batch
+        self.totals[2] += ids.numel()
+
+    def wrap(self, training_step):
+        def step(model, inputs, *args, **kwargs):
+            self.add(inputs)
+            return training_step(model, inputs, *args, **kwargs)
+
+        return step
 
 
 def _peak_memory_mb(device) -> float:
@@ -50,9 +63,9 @@ class RunCallback(TrainerCallback):
     def __init__(self, counter: TokenCounter, run_dir: str, rank: int, device, tb_dir: str | None, fail: dict):
         self.counter, self.run_dir, self.rank, self.device = counter, run_dir, rank, device
         self.tb_dir, self.fail = tb_dir, fail
-        self.snapshot = list(counter.totals)
         self.logged = list(counter.totals)
-        self.log_time = time.time()
+        self.busy = 0.0  # seconds spent inside training steps since the last log (no eval, no saving)
+        self.step_start = 0.0
         self.lines: list[str] = []
         self.training = False  # evaluations outside train() (baseline, final) are not reported
         metrics_uri = storage.join(run_dir, "metrics.jsonl")
@@ -63,19 +76,19 @@ class RunCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.training = True
-        self.log_time = time.time()
 
     def on_train_end(self, args, state, control, **kwargs):
         self.training = False
 
-    # Eval batches go through the same collator: count them out again.
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_start = time.time()
+
     def on_step_end(self, args, state, control, **kwargs):
-        self.snapshot = list(self.counter.totals)
+        self.busy += time.time() - self.step_start
         if self.fail.get("step") == state.global_step and self.fail.get("rank") == self.rank:
             self._crash_once()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        self.counter.totals = list(self.snapshot)
         if self.training and not control.should_save:  # a save follows at this step and reports these metrics with it
             _report(self._metrics(state), None, None)
 
@@ -110,13 +123,13 @@ class RunCallback(TrainerCallback):
         import torch
         import torch.distributed as dist
 
-        now = time.time()
-        delta = torch.tensor([t - s for t, s in zip(self.counter.totals, self.logged)], dtype=torch.float64)
+        delta = [t - s for t, s in zip(self.counter.totals, self.logged)]
+        sums = torch.tensor([*delta, self.busy], dtype=torch.float64)
         if dist.is_initialized():
-            dist.all_reduce(delta)
-        trained, real, computed = delta.tolist()
-        elapsed = max(now - self.log_time, 1e-9)
-        self.logged, self.log_time = list(self.counter.totals), now
+            dist.all_reduce(sums)
+        trained, real, computed, busy = sums.tolist()
+        elapsed = max(busy / (dist.get_world_size() if dist.is_initialized() else 1), 1e-9)
+        self.logged, self.busy = list(self.counter.totals), 0.0
         return {
             "trained_tokens_per_s": trained / elapsed,
             "real_tokens_fraction": real / computed if computed else 0.0,

@@ -61,7 +61,12 @@ def train(cfg: Config) -> dict:
         datasets["eval"] = eval_ds
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "manifest": manifest, "fail": _fault_injection()},
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "manifest": manifest,
+            "fail": _fault_injection(),
+            "has_eval": "eval" in datasets,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,

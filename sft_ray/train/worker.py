@@ -169,9 +169,8 @@ def train_loop(loop_config: dict) -> dict:
     train_ds = even_out(
         _to_hf(ray.train.get_dataset_shard("train")), world * cfg.train.per_device_batch_size, tokenizer.pad_token_id
     )
-    eval_shard = ray.train.get_dataset_shard("eval")
-    eval_ds = _to_hf(eval_shard) if eval_shard is not None else None
-    counter = TokenCounter(make_collator(tokenizer.pad_token_id))
+    eval_ds = _to_hf(ray.train.get_dataset_shard("eval")) if loop_config["has_eval"] else None
+    counter = TokenCounter()
     callback = RunCallback(counter, run_dir, rank, device, tb_dir, loop_config.get("fail", {}))
     trainer = SFTTrainer(
         model=model,
@@ -180,8 +179,9 @@ def train_loop(loop_config: dict) -> dict:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
-        data_collator=counter,
+        data_collator=make_collator(tokenizer.pad_token_id),
     )
+    trainer.training_step = counter.wrap(trainer.training_step)
     # First in line, so the throughput it adds to each log reaches TensorBoard and MLflow too.
     trainer.callback_handler.callbacks.insert(0, callback)
 
