@@ -67,7 +67,7 @@ class RunCallback(TrainerCallback):
         self.busy = 0.0  # seconds spent inside training steps since the last log (no eval, no saving)
         self.step_start = 0.0
         self.lines: list[str] = []
-        self.training = False  # evaluations outside train() (baseline, final) are not reported
+        self.training = False  # evaluations outside train() (the final one) are not reported
         metrics_uri = storage.join(run_dir, "metrics.jsonl")
         if rank == 0 and storage.exists(metrics_uri):  # a resumed run continues the same file
             fs, path = storage.filesystem(metrics_uri)
@@ -89,6 +89,12 @@ class RunCallback(TrainerCallback):
             self._crash_once()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.global_step == 0:
+            if self.rank == 0 and metrics and "eval_loss" in metrics:  # kept for resumed runs
+                uri = storage.join(self.run_dir, "baseline.json")
+                baseline = storage.read_json(uri) if storage.exists(uri) else {}
+                storage.write_json(uri, {**baseline, "eval_loss": metrics["eval_loss"]})
+            return  # the same for every trial of a sweep: not a result to report
         if self.training and not control.should_save:  # a save follows at this step and reports these metrics with it
             _report(self._metrics(state), None, None)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+import pyarrow.fs as pafs
+
 from sft_ray import storage
 from sft_ray.config import Config
 from sft_ray.data.pipeline import prepare
@@ -19,7 +21,9 @@ def _read_split(prepared: str, split: str, manifest: dict):
     if manifest["splits"][split]["rows_written"] == 0:
         return None
     # Materialized before fit(): a lazy read would wait forever for CPUs the workers hold (stack-notes §8.5).
-    return ray.data.read_parquet(storage.join(prepared, split)).materialize()
+    fs, path = storage.filesystem(storage.join(prepared, split))
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path)) if i.path.endswith(".parquet"))
+    return ray.data.read_parquet(files, filesystem=fs).materialize()
 
 
 def _check_resources(cfg: Config) -> None:
@@ -85,7 +89,11 @@ def train(cfg: Config) -> dict:
         ),
         datasets=datasets,
         # Every worker gets all rows; Accelerate inside the HF Trainer shards them exactly once.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        # Rows in the same order on every rank and every attempt: a resumed run skips exactly the
+        # batches it already trained only if the order it skips in is the order it trained in.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)
+        ),
     )
     result = trainer.fit()
     return result.return_value

@@ -78,7 +78,7 @@ def generate(model, tokenizer, prompts: list[dict], device) -> list[dict]:
     return results
 
 
-def _sft_config(cfg: Config, output_dir: str, device, has_eval: bool):
+def _sft_config(cfg: Config, output_dir: str, device, has_eval: bool, resumed: bool):
     from trl import SFTConfig
 
     t = cfg.train
@@ -101,6 +101,9 @@ def _sft_config(cfg: Config, output_dir: str, device, has_eval: bool):
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
         eval_strategy="steps" if has_eval else "no",
+        # The "before" eval loss, measured inside train(): calling trainer.evaluate() before train()
+        # under DDP changes the training that follows (measured: different losses from step 2).
+        eval_on_start=has_eval and not resumed,
         eval_steps=t.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -131,17 +134,15 @@ def _local_dir(name: str) -> str:
     return os.path.join(tempfile.gettempdir(), "sft-ray", f"{name}-{box[0]}")
 
 
-def _baseline(cfg: Config, trainer, tokenizer, prompts, device, rank: int, resumed: bool) -> dict:
-    """Eval loss and generations before training, kept in storage so a resumed run still has them."""
+def _baseline_generations(cfg: Config, trainer, tokenizer, prompts, device, rank: int, resumed: bool) -> dict:
+    """Generations before training (rank 0), kept in storage so a resumed run still has them."""
     uri = storage.join(cfg.storage.path, cfg.name, "baseline.json")
     if resumed and storage.exists(uri):
         return storage.read_json(uri)
-    before = {}
-    if trainer.eval_dataset is not None:
-        before["eval_loss"] = trainer.evaluate()["eval_loss"]
-    if rank == 0:
-        before["generations"] = generate(trainer.model, tokenizer, prompts, device) if prompts else []
-        storage.write_json(uri, before)
+    if rank != 0:
+        return {}
+    before = {"generations": generate(trainer.model, tokenizer, prompts, device) if prompts else []}
+    storage.write_json(uri, before)
     return before
 
 
@@ -171,10 +172,11 @@ def train_loop(loop_config: dict) -> dict:
     )
     eval_ds = _to_hf(ray.train.get_dataset_shard("eval")) if loop_config["has_eval"] else None
     counter = TokenCounter()
+    checkpoint = ray.train.get_checkpoint()
     callback = RunCallback(counter, run_dir, rank, device, tb_dir, loop_config.get("fail", {}))
     trainer = SFTTrainer(
         model=model,
-        args=_sft_config(cfg, output_dir, device, eval_ds is not None),
+        args=_sft_config(cfg, output_dir, device, eval_ds is not None, checkpoint is not None),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
@@ -185,9 +187,8 @@ def train_loop(loop_config: dict) -> dict:
     # First in line, so the throughput it adds to each log reaches TensorBoard and MLflow too.
     trainer.callback_handler.callbacks.insert(0, callback)
 
-    checkpoint = ray.train.get_checkpoint()
     prompts = sample_prompts(eval_ds, cfg.train.samples) if eval_ds is not None else []
-    before = _baseline(cfg, trainer, tokenizer, prompts, device, rank, checkpoint is not None)
+    before = _baseline_generations(cfg, trainer, tokenizer, prompts, device, rank, checkpoint is not None)
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             result = trainer.train(resume_from_checkpoint=ckpt_dir)
@@ -197,6 +198,7 @@ def train_loop(loop_config: dict) -> dict:
 
     summary = {}
     if rank == 0:
+        before = storage.read_json(storage.join(run_dir, "baseline.json"))  # + the step-0 eval loss
         after["generations"] = generate(trainer.model, tokenizer, prompts, device) if prompts else []
         summary = write_final(cfg, trainer, tokenizer, prompts, before, after, result.metrics, loop_config["manifest"])
         callback.upload_logs()
