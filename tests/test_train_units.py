@@ -1,0 +1,148 @@
+"""The worker's training pieces in one process (no Ray): packed-batch loss, QLoRA gradients on CPU."""
+
+import pytest
+import torch
+
+from sft_ray.config import validate
+
+
+def _cfg(tiny_model, tmp_path, **extra):
+    return validate(
+        {
+            "name": "unit",
+            "model": {"path": str(tiny_model), "dtype": "float32"},
+            "lora": {"dropout": 0.0, "target_modules": "all-linear"},
+            "data": {"train": [{"path": "unused.jsonl"}]},
+            "storage": {"path": str(tmp_path)},
+            **extra,
+        }
+    )
+
+
+def _trainer(cfg, tokenizer, tmp_path):
+    import datasets
+    from trl import SFTTrainer
+
+    from sft_ray.model import load_model, lora_config
+    from sft_ray.train.collate import make_collator
+    from sft_ray.train.worker import _sft_config
+
+    device = torch.device("cpu")
+    dummy = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]], "labels": [[1, 2, 3]]})
+    return SFTTrainer(
+        model=load_model(cfg, device),
+        args=_sft_config(cfg, str(tmp_path / "out"), device, has_eval=False, resumed=False),
+        train_dataset=dummy,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg),
+        data_collator=make_collator(tokenizer.pad_token_id),
+    )
+
+
+def _examples(tokenizer):
+    from sft_ray.data.formats import render_record
+    from sft_ray.data.tokenize import encode_batch, special_ids
+
+    records = [
+        {"question": "Is the sky blue?", "output": "yes"},
+        {"question": "Name three colours of the rainbow, please.", "output": "red, orange and yellow"},
+        {"question": "2+2?", "input": "think", "output": "4"},
+    ]
+    encoded = encode_batch(tokenizer, [render_record(r, "instruction") for r in records], special_ids(tokenizer), 512)
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
+
+
+def test_packed_batch_loss_equals_separate_examples(tiny_model, tokenizer, tmp_path):
+    """Packed rows attend only within each example: the loss matches the examples run one by one."""
+    from sft_ray.data.packing import pack_table
+
+    trainer = _trainer(_cfg(tiny_model, tmp_path), tokenizer, tmp_path)
+    model = trainer.model
+    model.train()
+    examples = _examples(tokenizer)
+    # Give the adapter non-zero weights so the comparison covers LoRA too.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+
+    def loss_of(batch):
+        with torch.no_grad():
+            return float(trainer.compute_loss(model, batch))
+
+    sums, counts = 0.0, 0
+    for ex in examples:
+        n = sum(1 for x in ex["labels"][1:] if x != -100)  # labels shift by one inside the loss
+        sums += loss_of(trainer.data_collator([ex])) * n
+        counts += n
+    separate = sums / counts
+
+    import pyarrow as pa
+
+    packed_rows = pack_table(pa.Table.from_pylist(examples), 512).to_pylist()
+    assert len(packed_rows) == 1  # all three in one row, positions restarting at each example
+    packed = loss_of(trainer.data_collator(packed_rows))
+    padded = loss_of(trainer.data_collator(examples))
+    assert packed == pytest.approx(separate, rel=1e-5)
+    assert padded == pytest.approx(separate, rel=1e-5)
+
+    # Control: the same row with positions running on (no boundaries) gives a different loss,
+    # so the equality above is not an accident of the data.
+    leaky = [{**packed_rows[0], "position_ids": list(range(len(packed_rows[0]["input_ids"])))}]
+    assert loss_of(trainer.data_collator(leaky)) != pytest.approx(separate, rel=1e-3)
+
+
+def _lora_grads_after_eval(cfg, tokenizer, tmp_path, guard: bool) -> dict:
+    import bitsandbytes as bnb
+
+    trainer = _trainer(cfg, tokenizer, tmp_path)
+    model = trainer.model
+    if not guard:  # undo the guard load_model applied, to show the trap it prevents
+        for m in model.modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                m.support_avx512bf16_for_cpu = True
+    batch = trainer.data_collator(_examples(tokenizer))
+    model.eval()
+    with torch.no_grad():  # what trainer.evaluate() and generate() do
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    model.train()
+    trainer.compute_loss(model, batch).backward()
+    return {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_qlora_lora_gradients_survive_an_eval_pass_on_cpu(tiny_model, tokenizer, tmp_path):
+    import bitsandbytes as bnb
+
+    q = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    cfg = _cfg(tiny_model, tmp_path, quantization=q)
+    trainer = _trainer(cfg, tokenizer, tmp_path)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
+    grads = _lora_grads_after_eval(cfg, tokenizer, tmp_path, guard=True)
+    layers = {n.split(".lora_")[0] for n in grads}
+    assert len(layers) == 2 * 7  # all-linear: q, k, v, o, gate, up, down in both layers
+    # B starts at zero, so A's gradient is zero on the first step by construction; B's must flow.
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+
+    unguarded = _lora_grads_after_eval(cfg, tokenizer, tmp_path, guard=False)
+    lost = [n for n, g in unguarded.items() if "lora_B" in n and (g is None or g.abs().sum() == 0)]
+    if not lost:
+        pytest.skip("this CPU does not repack 4-bit weights on eval (no avx512_bf16): the trap cannot show")
+    assert lost  # without the guard, gradients through the frozen 4-bit base are silently dropped
+
+
+@pytest.mark.gpu
+def test_bf16_lora_and_qlora_on_cuda(tiny_model, tokenizer, tmp_path):
+    from sft_ray.model import load_model
+
+    device = torch.device("cuda", 0)
+    bf16 = load_model(_cfg(tiny_model, tmp_path, model={"path": str(tiny_model), "dtype": "bfloat16"}), device)
+    assert bf16.dtype == torch.bfloat16 and next(bf16.parameters()).device == device
+    q = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
+    cfg = _cfg(tiny_model, tmp_path, quantization=q)
+    trainer = _trainer(cfg, tokenizer, tmp_path)
+    assert trainer.args.bf16
+    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in trainer.data_collator(_examples(tokenizer)).items()}
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch).backward()
+    assert all(p.grad is not None for n, p in trainer.model.named_parameters() if "lora_B" in n)
