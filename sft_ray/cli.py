@@ -52,11 +52,15 @@ def _print_summary(s: dict) -> None:
     print("\n=== sft-ray result ===")
     print(f"eval loss   before {f(s.get('eval_loss_before'))}  after {f(s.get('eval_loss_after'))}")
     print(f"train loss  first  {f(s.get('train_loss_first'))}  last  {f(s.get('train_loss_last'))}")
-    tps = s.get("tokens_per_second")
+    tps, trained_tps = s.get("tokens_per_second") or 0, s.get("trained_tokens_per_second") or 0
     print(
         f"steps {s.get('global_step')}, {int(s.get('tokens_seen') or 0)} tokens in {s.get('train_runtime_s', 0):.1f}s"
-        f" = {tps or 0:.0f} tokens/s"
+        f" = {tps:.0f} tokens/s ({trained_tps:.0f} trained tokens/s in training steps)"
     )
+    if s.get("eos_share_after") is not None:
+        print(
+            f"stops with EOS  before {s['eos_share_before']:.0%}  after {s['eos_share_after']:.0%} of held-out prompts"
+        )
     print(f"adapter     {s.get('final_dir')}")
     for i, sample in enumerate(s.get("samples", []), 1):
         print(f"\n--- held-out prompt {i} ---\n{sample['prompt']}")
