@@ -276,7 +276,8 @@ def _run(cfg: Config, out_dir: str) -> dict:
     stats = rows.select_columns(["split", "spec", "n_tokens", "n_trained", "truncated", "drop_reason", "error"])
     manifest = _manifest(cfg, pa.concat_tables(ray.get(stats.to_arrow_refs())))
     for split in SPLITS:
-        lengths = _write_split(rows, cfg, split, out_dir)
+        # A split with no kept row writes nothing; skipping it saves a pass over every row.
+        lengths = _write_split(rows, cfg, split, out_dir) if manifest["splits"][split]["rows_kept"] else []
         manifest["splits"][split]["rows_written"] = len(lengths)
         if split == "train":
             manifest["layout"] = _layout(cfg, lengths)
@@ -322,6 +323,7 @@ def _build(cfg: Config, out: str) -> dict:
         return _run(cfg, out)
     storage.check_writable(os.path.dirname(out))
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)  # exists even when no split has a row to write
     try:
         manifest = _run(cfg, tmp)
         if os.path.exists(out):
