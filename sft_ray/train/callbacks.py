@@ -63,6 +63,7 @@ class RunCallback(TrainerCallback):
     def __init__(self, counter: TokenCounter, run_dir: str, rank: int, device, tb_dir: str | None, fail: dict):
         self.counter, self.run_dir, self.rank, self.device = counter, run_dir, rank, device
         self.tb_dir, self.fail = tb_dir, fail
+        self.rates: list[float] = []  # trained tokens/s per log (the HF log history keeps no copy)
         self.logged = list(counter.totals)
         self.busy = 0.0  # seconds spent inside training steps since the last log (no eval, no saving)
         self.step_start = 0.0
@@ -136,6 +137,7 @@ class RunCallback(TrainerCallback):
         trained, real, computed, busy = sums.tolist()
         elapsed = max(busy / (dist.get_world_size() if dist.is_initialized() else 1), 1e-9)
         self.logged, self.busy = list(self.counter.totals), 0.0
+        self.rates.append(trained / elapsed)
         return {
             "trained_tokens_per_s": trained / elapsed,
             "real_tokens_fraction": real / computed if computed else 0.0,

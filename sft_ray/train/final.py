@@ -21,11 +21,10 @@ def _loss_history(log_history: list[dict], eval_before: float | None) -> dict:
     return {"train": train, "eval": [{"step": s, "eval_loss": v} for s, v in sorted(evals.items())]}
 
 
-def summarize(trainer, before: dict, after: dict, train_metrics: dict) -> dict:
+def summarize(trainer, before: dict, after: dict, train_metrics: dict, rates: list[float]) -> dict:
     history = _loss_history(trainer.state.log_history, before.get("eval_loss"))
     tokens = max([e.get("num_tokens", 0) for e in trainer.state.log_history] or [0])
     runtime = train_metrics.get("train_runtime") or 0.0
-    rates = [e["trained_tokens_per_s"] for e in trainer.state.log_history if "trained_tokens_per_s" in e]
     return {
         "global_step": trainer.state.global_step,
         "eval_loss_before": before.get("eval_loss"),
@@ -58,9 +57,10 @@ def write_final(
     after: dict,
     train_metrics: dict,
     manifest: dict,
+    rates: list[float],
 ) -> dict:
     """Write `final/` whole (never half) and return the summary the driver prints."""
-    summary = summarize(trainer, before, after, train_metrics)
+    summary = summarize(trainer, before, after, train_metrics, rates)
     samples = [
         {
             "prompt": tokenizer.decode(p["prompt_ids"], skip_special_tokens=True),

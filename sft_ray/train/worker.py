@@ -200,7 +200,9 @@ def train_loop(loop_config: dict) -> dict:
     if rank == 0:
         before = storage.read_json(storage.join(run_dir, "baseline.json"))  # + the step-0 eval loss
         after["generations"] = generate(trainer.model, tokenizer, prompts, device) if prompts else []
-        summary = write_final(cfg, trainer, tokenizer, prompts, before, after, result.metrics, loop_config["manifest"])
+        summary = write_final(
+            cfg, trainer, tokenizer, prompts, before, after, result.metrics, loop_config["manifest"], callback.rates
+        )
         callback.upload_logs()
     final_metrics = {"done": 1, "step": trainer.state.global_step}
     if "eval_loss" in after:
