@@ -104,7 +104,9 @@ def unit_hash(seed: int, salt: str, where: str) -> float:
 
 def _row(chunk: dict, where: str, raw: str, bad_utf8: bool, eval_fraction: float, seed: int) -> dict:
     split = chunk["split"]
-    if split == "train" and eval_fraction > 0 and unit_hash(seed, "eval", where) < eval_fraction:
+    # Keyed on the record's text, not its place: moving the files keeps the split, and duplicates never
+    # straddle train and eval.
+    if split == "train" and eval_fraction > 0 and unit_hash(seed, "eval", raw) < eval_fraction:
         split = "eval"
     return {"split": split, "spec": chunk["spec"], "where": where, "raw": raw, "bad_utf8": bad_utf8}
 
