@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="prepare the data, then train a LoRA adapter on Ray Train")
     _config_args(p)
 
+    p = sub.add_parser("tune", help="a hyperparameter sweep (the config's `tune` section): one Ray Train run per trial")
+    _config_args(p)
+
     p = sub.add_parser("audit", help="show prepared rows with trained tokens highlighted, and the data report")
     _config_args(p)
     p.add_argument("--n", type=int, default=5, help="rows to show")
@@ -113,6 +116,18 @@ def main(argv: list[str] | None = None) -> int:
             from sft_ray.train.driver import train
 
             _print_summary(train(cfg))
+        elif args.command == "tune":
+            from sft_ray.tune import SweepInterrupted, format_table, sweep
+
+            try:
+                result = sweep(cfg)
+            except SweepInterrupted as err:
+                print(f"sft-ray: {err}", file=sys.stderr)
+                return 130
+            print(f"\n=== sft-ray sweep {result['sweep']} ===\n{format_table(result['trials'])}")
+            print(f"best trial  {result['best_trial'] or 'none (no trial saved a checkpoint)'}")
+            print(f"adapter     {result['best_dir']}")
+            print(f"results     {result['sweep_dir']}/results.csv, results.json, eval_loss.png")
     except ConfigError as err:
         print(f"sft-ray: {err}", file=sys.stderr)
         return 2

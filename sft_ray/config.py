@@ -103,8 +103,47 @@ class StorageConfig(_Strict):
     keep_checkpoints: int = Field(2, gt=0)
 
 
+class SearchDim(_Strict):
+    """One searched key: exactly one of the kinds, each mapped to the `ray.tune` function of that name."""
+
+    choice: list[Any] | None = Field(None, min_length=1)  # sampled at random
+    grid: list[Any] | None = Field(None, min_length=1)  # every value, for each of num_samples
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None  # [low, high): high excluded, as in tune.randint
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        kinds = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"give exactly one of {', '.join(type(self).model_fields)}; got {kinds or 'none'}")
+        bounds = self.uniform or self.loguniform or self.randint
+        if bounds and not bounds[0] < bounds[1]:
+            raise ValueError(f"{kinds[0]}: the low bound must be below the high bound; got {list(bounds)}")
+        if self.loguniform and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform: the bounds must be positive; got {list(self.loguniform)}")
+        return self
+
+
+class SchedulerConfig(_Strict):
+    type: Literal["asha", "fifo"] = "asha"  # fifo: every trial runs to the end
+    grace_period: int = Field(1, gt=0)  # reports (evaluations) before a trial can be stopped
+    reduction_factor: float = Field(2, gt=1)  # at each rung, only the best 1/reduction_factor go on
+
+
+class SweepConfig(_Strict):
+    # Workers report eval_loss at every evaluation and at the end; it is the only metric every report carries.
+    metric: Literal["eval_loss"] = "eval_loss"
+    mode: Literal["min"] = "min"
+    num_samples: int = Field(1, gt=0)
+    max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster's CPUs/GPUs fit
+    scheduler: SchedulerConfig = SchedulerConfig()
+    space: dict[str, SearchDim] = Field(min_length=1)  # dotted config keys, as in command-line overrides
+
+
 class Config(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # `a/b` nests a run under a folder: a sweep's trials are `<sweep>/trials/<trial id>`.
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$")
     model: ModelConfig
     quantization: QuantizationConfig | None = None
     lora: LoraConfig = LoraConfig()
@@ -112,11 +151,12 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     storage: StorageConfig = StorageConfig()
+    tune: SweepConfig | None = None  # a hyperparameter sweep (`sft-ray tune`); ignored by `sft-ray train`
 
     @field_validator("name")
     @classmethod
     def _not_reserved(cls, v: str) -> str:
-        if v == "datasets":
+        if v.split("/")[0] == "datasets":
             raise ValueError("'datasets' is reserved for prepared data under storage.path")
         return v
 

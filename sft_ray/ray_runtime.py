@@ -15,12 +15,16 @@ def ensure_ray() -> bool:
     if ray.is_initialized():
         return False
     local = "RAY_ADDRESS" not in os.environ
+    # The dashboard (on 127.0.0.1 only) also serves the State API, which Ray Train's placement-group
+    # cleaner needs: without it, a Tune trial stopped early keeps its workers' CPUs reserved and the
+    # next trials never start (ray-project/ray#54305).
+    local_only = {"address": "local", "include_dashboard": True, "dashboard_host": "127.0.0.1"}
     ray.init(
-        include_dashboard=False if local else None,
         logging_level=logging.WARNING,
         runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}}
         if local
         else None,
+        **(local_only if local else {}),
     )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -60,9 +60,11 @@ def _peak_memory_mb(device) -> float:
 
 
 class RunCallback(TrainerCallback):
-    def __init__(self, counter: TokenCounter, run_dir: str, rank: int, device, tb_dir: str | None, fail: dict):
+    def __init__(
+        self, counter: TokenCounter, run_dir: str, rank: int, device, tb_dir: str | None, fail: dict, async_upload: bool
+    ):
         self.counter, self.run_dir, self.rank, self.device = counter, run_dir, rank, device
-        self.tb_dir, self.fail = tb_dir, fail
+        self.tb_dir, self.fail, self.async_upload = tb_dir, fail, async_upload
         self.rates: list[float] = []  # trained tokens/s per log (the HF log history keeps no copy)
         self.logged = list(counter.totals)
         self.busy = 0.0  # seconds spent inside training steps since the last log (no eval, no saving)
@@ -110,17 +112,24 @@ class RunCallback(TrainerCallback):
             storage.write_bytes(storage.join(self.run_dir, "metrics.jsonl"), ("\n".join(self.lines) + "\n").encode())
 
     def on_save(self, args, state, control, **kwargs):
+        """Hand the checkpoint to Ray Train, which uploads it in the background while training goes on
+        (synchronously in a sweep: see `driver.fit`).
+
+        The upload reads a staged copy (hard links, no bytes copied) that Ray deletes once uploaded:
+        HF deletes its own folder at a later save, possibly mid-upload.
+        """
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         name = f"checkpoint-{state.global_step:07d}"
+        staged = tempfile.mkdtemp(prefix=f"upload-{name}-", dir=args.output_dir)  # not `checkpoint-*`: HF rotates those
         if self.rank == 0:
-            _report(self._metrics(state), folder, name)
-            self.upload_logs()
-            return
-        with tempfile.TemporaryDirectory() as own:
+            _link_tree(folder, staged)
+        else:  # the other ranks add only their own RNG state; rank 0's files are the same on every rank
             rng = os.path.join(folder, f"rng_state_{self.rank}.pth")
             if os.path.exists(rng):
-                shutil.copy(rng, own)
-            _report(self._metrics(state), own, name)
+                shutil.copy(rng, staged)
+        _report(self._metrics(state), staged, name, self.async_upload)
+        if self.rank == 0:
+            self.upload_logs()
 
     def upload_logs(self) -> None:
         if self.rank == 0 and self.tb_dir and os.path.isdir(self.tb_dir):
@@ -161,8 +170,30 @@ class RunCallback(TrainerCallback):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _report(metrics: dict, folder: str | None, name: str | None) -> None:
+def _report(metrics: dict, folder: str | None, name: str | None, async_upload: bool = False) -> None:
     import ray.train
 
-    checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if folder else None)
+    if folder is None:
+        ray.train.report(metrics)
+        return
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(folder),
+        checkpoint_dir_name=name,
+        checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC
+        if async_upload
+        else ray.train.CheckpointUploadMode.SYNC,
+        delete_local_checkpoint_after_upload=True,  # `folder` is the staged copy
+    )
+
+
+def _link_tree(src: str, dst: str) -> None:
+    """Hard-link every file of src into dst (copy where links are not possible)."""
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, copy_function=link, dirs_exist_ok=True)

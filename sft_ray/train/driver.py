@@ -47,22 +47,35 @@ def _fault_injection() -> dict:
     return {"step": int(step), "rank": int(rank or 0)}
 
 
-def train(cfg: Config) -> dict:
-    """Run one training job end to end; returns rank 0's summary."""
+def load_splits(prepared: str, manifest: dict) -> dict:
+    """The prepared splits as materialized Ray Datasets, read once and shared by every run that trains on them."""
+    datasets = {"train": _read_split(prepared, "train", manifest)}
+    if (eval_ds := _read_split(prepared, "eval", manifest)) is not None:
+        datasets["eval"] = eval_ds
+    return datasets
+
+
+def fit(
+    cfg: Config,
+    datasets: dict,
+    manifest: dict,
+    worker_cpus: float = 1,
+    callbacks: list | None = None,
+    async_upload: bool = True,
+):
+    """One Ray Train run on already prepared data; returns the Ray Train Result.
+
+    A sweep calls it once per trial with the same datasets, fewer CPUs per worker so that all
+    concurrent trials fit, Tune's report callback, and synchronous uploads: then a worker's report
+    waits until Tune has taken the one before, so a trial that ASHA stopped halts within a couple
+    of reports instead of training on while Tune shuts it down.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from sft_ray.train.worker import train_loop
 
-    storage.check_writable(cfg.storage.path)
-    started_local = ensure_ray()
-    if started_local:
-        _check_resources(cfg)
-    prepared, manifest = prepare(cfg)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    datasets = {"train": _read_split(prepared, "train", manifest)}
-    if (eval_ds := _read_split(prepared, "eval", manifest)) is not None:
-        datasets["eval"] = eval_ds
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -70,11 +83,12 @@ def train(cfg: Config) -> dict:
             "manifest": manifest,
             "fail": _fault_injection(),
             "has_eval": "eval" in datasets,
+            "async_upload": async_upload,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker=None if cfg.scaling.use_gpu else {"CPU": 1},
+            resources_per_worker=None if cfg.scaling.use_gpu else {"CPU": worker_cpus},
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
@@ -86,6 +100,7 @@ def train(cfg: Config) -> dict:
                 checkpoint_score_order="min",
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         # Every worker gets all rows; Accelerate inside the HF Trainer shards them exactly once.
@@ -95,5 +110,14 @@ def train(cfg: Config) -> dict:
             datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)
         ),
     )
-    result = trainer.fit()
-    return result.return_value
+    return trainer.fit()
+
+
+def train(cfg: Config) -> dict:
+    """Run one training job end to end; returns rank 0's summary."""
+    storage.check_writable(cfg.storage.path)
+    started_local = ensure_ray()
+    if started_local:
+        _check_resources(cfg)
+    prepared, manifest = prepare(cfg)
+    return fit(cfg, load_splits(prepared, manifest), manifest).return_value

@@ -173,7 +173,9 @@ def train_loop(loop_config: dict) -> dict:
     eval_ds = _to_hf(ray.train.get_dataset_shard("eval")) if loop_config["has_eval"] else None
     counter = TokenCounter()
     checkpoint = ray.train.get_checkpoint()
-    callback = RunCallback(counter, run_dir, rank, device, tb_dir, loop_config.get("fail", {}))
+    callback = RunCallback(
+        counter, run_dir, rank, device, tb_dir, loop_config.get("fail", {}), loop_config.get("async_upload", True)
+    )
     trainer = SFTTrainer(
         model=model,
         args=_sft_config(cfg, output_dir, device, eval_ds is not None, checkpoint is not None),
@@ -204,7 +206,7 @@ def train_loop(loop_config: dict) -> dict:
             cfg, trainer, tokenizer, prompts, before, after, result.metrics, loop_config["manifest"], callback.rates
         )
         callback.upload_logs()
-    final_metrics = {"done": 1, "step": trainer.state.global_step}
+    final_metrics = {"finished": 1, "step": trainer.state.global_step}
     if "eval_loss" in after:
         final_metrics["eval_loss"] = after["eval_loss"]
     ray.train.report(final_metrics)

@@ -1,0 +1,339 @@
+"""Hyperparameter sweeps: Ray Tune runs one Ray Train run per trial over data prepared once.
+
+Layout under `storage.path/<sweep name>/`: `tune/` (Tune's own state, what a rerun resumes from),
+`trials/<trial id>/` (each trial's run folder: checkpoints, metrics.jsonl, final/), and, when the
+sweep ends, `results.csv`, `results.json`, `eval_loss.png` and `best/` (the best trial's adapter
+and its resolved config.yaml).
+
+Driver code: no torch or transformers import here; trials import them in their Train workers.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import os
+import tempfile
+
+import pyarrow.fs as pafs
+import yaml
+
+from sft_ray import storage
+from sft_ray.config import Config, ConfigError, SearchDim, _set_dotted, validate
+
+# Keys a trial may not change: they name or place the sweep, size its trials, or change the
+# prepared data that every trial shares.
+FIXED = ("name", "tune", "storage", "scaling", "data", "model.path")
+# The Tune function of each trial holds almost no CPU; its Train workers hold the rest, so that
+# concurrent trials never wait on each other for a CPU (stack-notes §8.6).
+TRIAL_FN_CPUS = 0.01
+WORKER_CPUS = 0.95
+# ASHA stops every trial that reaches max_t; trials should end when their training ends instead.
+NEVER = 10**6
+
+
+class SweepInterrupted(RuntimeError):
+    """The sweep stopped (Ctrl-C) with trials unfinished; rerunning it resumes them."""
+
+
+def trial_name(sweep: str, trial_id: str) -> str:
+    return f"{sweep}/trials/{trial_id}"
+
+
+def trial_config(tree: dict, name: str, params: dict) -> Config:
+    """The config one trial trains with: the sweep's config, its own name, the sampled values."""
+    tree = copy.deepcopy(tree)
+    tree["name"], tree["tune"] = name, None
+    for key, value in params.items():
+        _set_dotted(tree, key, value)
+    return validate(tree, f"trial {name} ({', '.join(f'{k}={v!r}' for k, v in params.items())})")
+
+
+def _points(dim: SearchDim) -> list:
+    """The values that stand for a dimension when checking it: every listed value, or both bounds."""
+    if dim.choice or dim.grid:
+        return dim.choice or dim.grid
+    if dim.randint:
+        return [dim.randint[0], dim.randint[1] - 1]
+    return list(dim.uniform or dim.loguniform)
+
+
+def _check_trainable(cfg: Config, where: str) -> None:
+    t = cfg.train
+    if t.save_steps % t.eval_steps:
+        # A save reports its metrics to Tune; one before the first evaluation has no eval_loss,
+        # and Tune stops the whole sweep on a result without the metric.
+        raise ConfigError(
+            f"{where}: train.save_steps ({t.save_steps}) must be a multiple of train.eval_steps ({t.eval_steps}) "
+            "in a sweep, so that every report to Tune carries a fresh eval_loss"
+        )
+
+
+def check_space(cfg: Config) -> None:
+    """Fail before any work when a key or any value the sweep can sample does not make a valid config."""
+    if cfg.tune is None:
+        raise ConfigError("the config has no `tune` section; see jobs/configs/tune_demo.yaml for one")
+    if not (cfg.data.eval or cfg.data.eval_fraction):
+        raise ConfigError("tune: trials are compared on eval_loss; set data.eval or data.eval_fraction")
+    _check_trainable(cfg, "config")
+    tree = cfg.model_dump(mode="json")
+    for key, dim in cfg.tune.space.items():
+        if key == "model.path" or key.split(".")[0] in FIXED:
+            raise ConfigError(
+                f"tune.space.{key}: trials cannot differ in it (name, tune, storage and scaling define the sweep "
+                "and the size of its trials; data and model.path change the data, prepared once for all trials)"
+            )
+        for value in _points(dim):
+            try:
+                trial = trial_config(tree, trial_name(cfg.name, "check"), {key: value})
+            except ConfigError as err:
+                raise ConfigError(f"tune.space.{key}: {err}") from None
+            _check_trainable(trial, f"tune.space.{key}={value!r}")
+
+
+def _param_space(cfg: Config) -> dict:
+    from ray import tune
+
+    space = {}
+    for key, dim in cfg.tune.space.items():
+        if dim.choice is not None:
+            space[key] = tune.choice(dim.choice)
+        elif dim.grid is not None:
+            space[key] = tune.grid_search(dim.grid)
+        elif dim.uniform is not None:
+            space[key] = tune.uniform(*dim.uniform)
+        elif dim.loguniform is not None:
+            space[key] = tune.loguniform(*dim.loguniform)
+        else:
+            space[key] = tune.randint(*dim.randint)
+    return space
+
+
+def _run_trial(params: dict, tree: dict, datasets: dict, manifest: dict) -> None:
+    """One trial: a Ray Train run whose every report becomes a Tune result.
+
+    Runs in the trial's Tune actor. When a scheduler stops the trial, this actor is killed and
+    nothing after fit() runs: whatever the trial leaves is what its workers reported and saved.
+    A rerun of the trial has the same name, so Ray Train resumes it from its last checkpoint.
+    """
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from sft_ray.train.driver import fit
+
+    cfg = trial_config(tree, trial_name(tree["name"], tune.get_context().get_trial_id()), params)
+    fit(cfg, datasets, manifest, worker_cpus=WORKER_CPUS, callbacks=[TuneReportCallback()], async_upload=False)
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def _concurrency(cfg: Config) -> int:
+    """As many trials at once as the cluster holds whole sets of Train workers for, unless the config says."""
+    import ray
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    kind = "GPU" if cfg.scaling.use_gpu else "CPU"
+    have = ray.cluster_resources().get(kind, 0)
+    fits = int(have // cfg.scaling.num_workers)
+    if fits < 1:
+        raise RuntimeError(
+            f"one trial needs scaling.num_workers={cfg.scaling.num_workers} {kind}s but the cluster has {have:g}; "
+            "lower scaling.num_workers"
+        )
+    return fits
+
+
+def _tuner(cfg: Config, trainable, sweep_dir: str):
+    """A new sweep, or the interrupted one in `sweep_dir/tune` (finished trials are kept, the rest go on)."""
+    from ray import tune
+
+    tune_dir = storage.join(sweep_dir, "tune")
+    if tune.Tuner.can_restore(tune_dir):
+        print(f"sweep: resuming {tune_dir}")
+        return tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True)
+    s = cfg.tune.scheduler
+    scheduler = (
+        tune.schedulers.ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=NEVER,
+            grace_period=s.grace_period,
+            reduction_factor=s.reduction_factor,
+        )
+        if s.type == "asha"
+        else tune.schedulers.FIFOScheduler()
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=_param_space(cfg),
+        tune_config=tune.TuneConfig(
+            metric=cfg.tune.metric,
+            mode=cfg.tune.mode,
+            scheduler=scheduler,
+            num_samples=cfg.tune.num_samples,
+            max_concurrent_trials=_concurrency(cfg),
+            trial_name_creator=_trial_dirname,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(name="tune", storage_path=sweep_dir, verbose=1),
+    )
+
+
+def _number(x):
+    return None if x is None or x != x else float(x)  # NaN (no value in that report) -> None
+
+
+def _row(result, cfg: Config) -> dict:
+    """What one trial left: its reports as Tune recorded them, and its run folder."""
+    trial_id = result.path.rstrip("/").rsplit("/", 1)[-1]
+    run_dir = storage.join(cfg.storage.path, trial_name(cfg.name, trial_id))
+    df = result.metrics_dataframe
+    reports = [] if df is None or "eval_loss" not in df else df.to_dict("records")
+    history = {int(r["step"]): float(r["eval_loss"]) for r in reports if _number(r.get("eval_loss")) is not None}
+    last = result.metrics or {}
+    if result.error is not None:
+        status = "errored"
+    elif storage.exists(storage.join(run_dir, "final", storage.COMPLETE)):
+        status = "completed"
+    elif last.get("done"):  # Tune marks the last result of a trial its scheduler stopped (workers never send `done`)
+        status = "stopped early"
+    else:  # the sweep was interrupted before this trial ended (or started)
+        status = "unfinished"
+    # Only checkpoints Ray registered (reported): a folder the trial was still uploading when it was stopped is not one.
+    # Ray gives filesystem paths (no s3:// scheme): find the checkpoint by its folder name in the run folder.
+    saved = [
+        (_number(r["eval_loss"]), storage.join(run_dir, r["checkpoint_path"].rstrip("/").rsplit("/", 1)[-1]))
+        for r in reports
+        if isinstance(r.get("checkpoint_path"), str)
+    ]
+    saved = [(loss, path) for loss, path in saved if loss is not None and storage.exists(path)]
+    checkpoint = storage.join(run_dir, "final") if status == "completed" else min(saved)[1] if saved else None
+    return {
+        "trial_id": trial_id,
+        "params": {k: result.config.get(k) for k in cfg.tune.space},
+        "best_eval_loss": min(history.values()) if history else None,
+        "steps": max(history) if history else 0,
+        "status": status,
+        "eval_loss_history": sorted(history.items()),
+        "last_report": {
+            k: last[k] for k in ("step", "eval_loss", "training_iteration", "checkpoint_path") if k in last
+        },
+        "run_dir": run_dir,
+        "checkpoint": checkpoint,
+        "error": None if result.error is None else str(result.error)[:500],
+    }
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    keys = list(rows[0]["params"]) if rows else []
+    head = ["trial", *keys, "best eval_loss", "steps", "status"]
+    body = [
+        [
+            r["trial_id"],
+            *(_fmt(v) for v in r["params"].values()),
+            "n/a" if r["best_eval_loss"] is None else f"{r['best_eval_loss']:.4f}",
+            str(r["steps"]),
+            r["status"],
+        ]
+        for r in rows
+    ]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *body])
+
+
+def _csv(rows: list[dict]) -> bytes:
+    keys = list(rows[0]["params"]) if rows else []
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["trial_id", *keys, "best_eval_loss", "steps", "status", "checkpoint"])
+    for r in rows:
+        writer.writerow(
+            [r["trial_id"], *r["params"].values(), r["best_eval_loss"], r["steps"], r["status"], r["checkpoint"]]
+        )
+    return out.getvalue().encode()
+
+
+def _plot(rows: list[dict]) -> bytes:
+    # A bare Figure (no pyplot) renders with Agg and never touches the process-wide backend.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    for r in rows:
+        if r["eval_loss_history"]:
+            steps, losses = zip(*r["eval_loss_history"])
+            params = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in r["params"].items())
+            ax.plot(steps, losses, marker="o", markersize=3, label=f"{r['trial_id']} {params} ({r['status']})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("eval loss")
+    ax.set_title("Eval loss per trial")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _export_best(row: dict, cfg: Config, dest: str) -> None:
+    """best/: the trial's final adapter, or its best registered checkpoint without the resume-only state."""
+    trial = trial_config(cfg.model_dump(mode="json"), trial_name(cfg.name, row["trial_id"]), row["params"])
+    fs, src = storage.filesystem(row["checkpoint"])
+    with tempfile.TemporaryDirectory() as tmp:
+        pafs.copy_files(src, tmp, source_filesystem=fs)
+        for name in os.listdir(tmp):
+            if name in ("optimizer.pt", "scheduler.pt", storage.COMPLETE) or name.startswith("rng_state"):
+                os.remove(os.path.join(tmp, name))
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            yaml.safe_dump(trial.model_dump(mode="json"), f, sort_keys=False)
+        storage.write_json(
+            os.path.join(tmp, "trial.json"),
+            {k: row[k] for k in ("trial_id", "params", "best_eval_loss", "steps", "status", "checkpoint")},
+        )
+        storage.publish_dir(tmp, dest)
+
+
+def sweep(cfg: Config) -> dict:
+    """Prepare the data once, run the trials (or resume them), then write the results and best/."""
+    from ray import tune
+
+    from sft_ray.data.pipeline import prepare
+    from sft_ray.ray_runtime import ensure_ray
+    from sft_ray.train.driver import load_splits
+
+    check_space(cfg)
+    storage.check_writable(cfg.storage.path)
+    ensure_ray()
+    prepared, manifest = prepare(cfg)
+    # Materialized here, once: a trial reading parquet itself would wait for a CPU that the
+    # Train workers of the running trials hold.
+    datasets = load_splits(prepared, manifest)
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, tree=cfg.model_dump(mode="json"), datasets=datasets, manifest=manifest),
+        {"CPU": TRIAL_FN_CPUS},
+    )
+    sweep_dir = storage.join(cfg.storage.path, cfg.name)
+    grid = _tuner(cfg, trainable, sweep_dir).fit()
+
+    rows = sorted((_row(r, cfg) for r in grid), key=lambda r: r["trial_id"])
+    if unfinished := [r["trial_id"] for r in rows if r["status"] == "unfinished"]:
+        raise SweepInterrupted(
+            f"sweep {cfg.name} was interrupted with {len(unfinished)} trial(s) unfinished ({', '.join(unfinished)}); "
+            "run the same command again to resume it"
+        )
+    scored = [r for r in rows if r["checkpoint"] and r["best_eval_loss"] is not None]
+    best = min(scored, key=lambda r: r["best_eval_loss"]) if scored else None
+    if best:
+        _export_best(best, cfg, storage.join(sweep_dir, "best"))
+    results = {"sweep": cfg.name, "metric": cfg.tune.metric, "best_trial": best and best["trial_id"], "trials": rows}
+    storage.write_json(storage.join(sweep_dir, "results.json"), results)
+    storage.write_bytes(storage.join(sweep_dir, "results.csv"), _csv(rows))
+    storage.write_bytes(storage.join(sweep_dir, "eval_loss.png"), _plot(rows))
+    return {**results, "sweep_dir": sweep_dir, "best_dir": storage.join(sweep_dir, "best") if best else None}
