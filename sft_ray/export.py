@@ -17,11 +17,30 @@ _CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # full match: `checkpoint-0000050
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _registered(run: Path) -> set[str] | None:
+    """Checkpoint folders Ray Train registered (uploaded whole), from its snapshot; None without one."""
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return None
+    try:
+        return {c["checkpoint_dir_name"] for c in json.loads(snapshot.read_text())["checkpoint_results"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{snapshot}: not a Ray Train checkpoint snapshot ({err!r})") from None
+
+
 def _complete_checkpoints(run: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of checkpoints whose upload finished, oldest first."""
+    """(step, folder) of checkpoints whose upload finished, oldest first.
+
+    Ray Train's snapshot names the checkpoints it registered; a folder it does not name is an upload
+    that was cut short (background uploads make that likelier). Without a snapshot (a run folder
+    copied without it), the files present decide.
+    """
+    registered = _registered(run)
     found = []
     for child in run.iterdir() if run.is_dir() else []:
         match = _CHECKPOINT.fullmatch(child.name)
+        if registered is not None and child.name not in registered:
+            continue
         if match and (child / "adapter_model.safetensors").is_file() and (child / "trainer_state.json").is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)

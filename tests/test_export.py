@@ -54,6 +54,19 @@ def test_best_and_latest_skip_incomplete_and_temp_folders(run):
     assert find_checkpoint(str(run), "latest") == run / "checkpoint-0000020"
 
 
+def test_only_checkpoints_ray_registered_count(tmp_path):
+    # checkpoint-30 has every file but Ray never registered it: its upload was still running.
+    for step in (10, 20, 30):
+        _fake_checkpoint(tmp_path, f"checkpoint-{step:07d}", _state(step, {step: 2.0 - step / 100}))
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": f"checkpoint-{s:07d}"} for s in (10, 20)]}
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    assert find_checkpoint(str(tmp_path), "latest").name == "checkpoint-0000020"
+    assert find_checkpoint(str(tmp_path), "best").name == "checkpoint-0000020"
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a Ray Train checkpoint snapshot"):
+        find_checkpoint(str(tmp_path), "latest")
+
+
 def test_best_falls_back_to_the_last_eval_before_the_save(tmp_path):
     # eval every 8 steps, save every 10: checkpoint-20 carries the eval of step 16, not a later one.
     _fake_checkpoint(tmp_path, "checkpoint-0000010", _state(10, {8: 1.0}))
