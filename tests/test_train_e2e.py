@@ -1,7 +1,11 @@
 """End to end on a real local Ray: 2 CPU workers, TRL SFTTrainer with LoRA, adapter in final/."""
 
+import glob
 import hashlib
 import json
+import os
+import tempfile
+import time
 
 import pytest
 from conftest import make_config, write_jsonl
@@ -27,19 +31,39 @@ def test_two_workers_train_and_write_final(tmp_path, tiny_model, tokenizer, ray_
         write_jsonl(tmp_path / "train.jsonl", ROWS),
         write_jsonl(tmp_path / "eval.jsonl", ROWS[:8]),
         name="e2e",
-        train={"epochs": 1, "per_device_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1,
-               "eval_steps": 2, "save_steps": 2, "samples": 2, "report_to": ["tensorboard"]},
+        train={
+            "epochs": 1,
+            "per_device_batch_size": 4,
+            "learning_rate": 5e-3,
+            "logging_steps": 1,
+            "eval_steps": 2,
+            "save_steps": 2,
+            "samples": 2,
+            "report_to": ["tensorboard"],
+        },
         scaling={"num_workers": 2},
         storage={"keep_checkpoints": 1},
     )
+    started = time.time()
     summary = train(cfg)
 
     # 48 rows / (4 per worker x 2 workers) = 6 steps: each row once per epoch, no double sharding.
     assert summary["global_step"] == 6
+    # The workers' local scratch (HF checkpoints with optimizer state) is gone; storage keeps what counts.
+    scratch = [d for d in glob.glob(f"{tempfile.gettempdir()}/sft-ray/e2e-*") if os.path.getmtime(d) >= started - 1]
+    assert scratch and not [p for d in scratch for p in glob.glob(f"{d}/*") if "/upload-" not in p], scratch
     run = tmp_path / "storage" / "e2e"
     final = run / "final"
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.yaml", "metrics.json",
-            "samples.json", "data_manifest.json", "COMPLETE"} <= {p.name for p in final.iterdir()}
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "config.yaml",
+        "metrics.json",
+        "samples.json",
+        "data_manifest.json",
+        "COMPLETE",
+    } <= {p.name for p in final.iterdir()}
     metrics = json.loads((final / "metrics.json").read_text())
     assert [e["step"] for e in metrics["history"]["train"]] == [1, 2, 3, 4, 5, 6]
     assert [e["step"] for e in metrics["history"]["eval"]] == [0, 2, 4, 6]
@@ -60,8 +84,14 @@ def test_two_workers_train_and_write_final(tmp_path, tiny_model, tokenizer, ray_
     ckpts = sorted(p.name for p in run.glob("checkpoint-*"))
     assert "checkpoint-0000006" in ckpts and len(ckpts) <= 2
     latest = run / "checkpoint-0000006"
-    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json",
-            "rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in latest.iterdir()}
+    assert {
+        "adapter_model.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    } <= {p.name for p in latest.iterdir()}
     assert not list(latest.glob("*/adapter_model.safetensors"))  # one copy, no nested duplicates
 
     # The adapter holds LoRA tensors only, all B matrices moved away from their zero init.

@@ -16,8 +16,16 @@ def _cfg(tmp_path, tiny_model, name, **train):
         write_jsonl(tmp_path / "eval.jsonl", ROWS[:8]),
         name=name,
         lora={"dropout": 0.0},
-        train={"epochs": 2, "per_device_batch_size": 4, "learning_rate": 3e-3, "logging_steps": 1,
-               "eval_steps": 4, "save_steps": 4, "samples": 0, **train},
+        train={
+            "epochs": 2,
+            "per_device_batch_size": 4,
+            "learning_rate": 3e-3,
+            "logging_steps": 1,
+            "eval_steps": 4,
+            "save_steps": 4,
+            "samples": 0,
+            **train,
+        },
         scaling={"num_workers": 2},
         storage={"keep_checkpoints": 3},
     )

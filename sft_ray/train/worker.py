@@ -7,7 +7,9 @@ on the driver): Ray and Accelerate must not both shard, or each epoch sees a fra
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 
 from sft_ray import storage
@@ -210,4 +212,14 @@ def train_loop(loop_config: dict) -> dict:
     if "eval_loss" in after:
         final_metrics["eval_loss"] = after["eval_loss"]
     ray.train.report(final_metrics)
+    # Local scratch goes (what is kept is in storage), except the staged uploads (`upload-*`) that
+    # Ray may still be copying in the background and deletes itself once done.
+    for entry in os.scandir(output_dir):
+        if entry.name.startswith("upload-"):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)  # ranks of one node share the folder: both clean
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(entry.path)
     return summary
