@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CPU_TORCH ?= torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean bench-data bench-train
 
 install: $(VENV)/.installed
 
@@ -39,3 +39,11 @@ format: install
 
 clean:
 	rm -rf runs models
+
+# Benchmarks (embedded local Ray; run them on an otherwise idle machine). `ARGS=--quick`: a smoke run.
+
+bench-data: install
+	$(PY) benchmarks/prepare_bench.py $(ARGS)
+
+bench-train: install
+	$(PY) benchmarks/train_bench.py $(ARGS)

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sft_ray.data.formats import BadRow, Example, Segment, instruction, render_record
-from sft_ray.data.tokenize import IGNORE, encode_batch, special_ids
+from sft_ray.data.tokenize import IGNORE, encode_batch, special_ids, token_ids
 
 EOS = "<|im_end|>"
 
@@ -101,3 +101,38 @@ def test_mask_is_exact_for_any_text(tokenizer, question, extra, output):
     prompt = f"### Question\n{question}\n\n" + (f"### Input\n{extra}\n\n" if extra else "") + "### Output\n"
     assert rest == "<s>" + prompt
     assert len(enc.input_ids) == len(enc.labels)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    texts=st.lists(
+        st.text(max_size=40) | st.sampled_from(["<s>", "<|im_end|>", "<pad>x<|im_start|>", ""]), min_size=1, max_size=6
+    )
+)
+def test_token_ids_matches_the_tokenizer_call(tokenizer, texts):
+    """The fast path (backend `encode_batch_fast`) gives the ids `tokenizer(...)` gives, special tokens included."""
+    assert token_ids(tokenizer, texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def test_token_ids_ignores_backend_state_and_honours_split_special_tokens(tiny_model):
+    from sft_ray.model import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    texts = ["<s>hello world<|im_end|>", "a" * 50]
+    expected = tok(texts, add_special_tokens=False)["input_ids"]
+    tok.backend_tokenizer.enable_truncation(max_length=3)  # left over by someone else's call
+    tok.backend_tokenizer.enable_padding(length=64)
+    assert token_ids(tok, texts) == expected
+    tok.split_special_tokens = True
+    split = token_ids(tok, texts)
+    assert split == tok(texts, add_special_tokens=False)["input_ids"] and split != expected
+
+
+def test_token_ids_keeps_the_call_for_a_tokenizer_that_overrides_it(tokenizer):
+    class Custom(type(tokenizer)):
+        def __call__(self, texts, **kwargs):
+            return {"input_ids": [[7] for _ in texts]}
+
+    custom = Custom.__new__(Custom)
+    custom.__dict__.update(tokenizer.__dict__)
+    assert token_ids(custom, ["anything"]) == [[7]]

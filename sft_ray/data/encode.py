@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from sft_ray.data.formats import BadRow, render_record, turn_affixes
-from sft_ray.data.tokenize import Encoded, encode_batch, special_ids
+from sft_ray.data.tokenize import IGNORE, Encoded, encode_batch, special_ids
 
 SCHEMA = pa.schema(
     [
@@ -78,38 +78,37 @@ class Encoder:
             raise BadRow("template_error", f"chat template failed: {err}") from None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        n = len(batch["raw"])
+        # Columns as Python lists once: indexing numpy object arrays row by row is slow.
+        wheres = batch["where"].tolist()
         examples, errors = [], {}
-        for i in range(n):
+        for i, (raw, bad_utf8, spec) in enumerate(
+            zip(batch["raw"].tolist(), batch["bad_utf8"].tolist(), batch["spec"].tolist())
+        ):
             try:
-                examples.append(
-                    self._example(batch["raw"][i], bool(batch["bad_utf8"][i]), self.specs[int(batch["spec"][i])])
-                )
+                examples.append(self._example(raw, bool(bad_utf8), self.specs[int(spec)]))
             except BadRow as err:
                 errors[i] = err
         encoded = iter(encode_batch(self.tokenizer, examples, self.special, self.max_length))
-        cols: dict[str, list] = {name: [] for name in SCHEMA.names}
-        for i in range(n):
-            enc = None if i in errors else next(encoded)
-            cols["split"].append(batch["split"][i])
-            cols["spec"].append(int(batch["spec"][i]))
-            cols["where"].append(batch["where"][i])
+        cols: dict[str, list] = {name: [] for name in SCHEMA.names[3:]}
+        for i, where in enumerate(wheres):
+            enc = errors[i] if i in errors else next(encoded)
             if isinstance(enc, Encoded):
                 cols["input_ids"].append(enc.input_ids)
                 cols["labels"].append(enc.labels)
                 cols["n_tokens"].append(len(enc.input_ids))
-                cols["n_trained"].append(sum(1 for x in enc.labels if x != -100))
+                cols["n_trained"].append(len(enc.labels) - enc.labels.count(IGNORE))
                 cols["truncated"].append(enc.truncated)
                 cols["drop_reason"].append("")
                 cols["error"].append("")
                 continue
-            reason = errors[i].reason if i in errors else enc
-            detail = str(errors[i]) if i in errors else reason.replace("_", " ")
+            reason = enc.reason if isinstance(enc, BadRow) else enc
+            detail = str(enc) if isinstance(enc, BadRow) else reason.replace("_", " ")
             cols["input_ids"].append([])
             cols["labels"].append([])
             cols["n_tokens"].append(0)
             cols["n_trained"].append(0)
             cols["truncated"].append(False)
             cols["drop_reason"].append(reason)
-            cols["error"].append(f"{batch['where'][i]}: {detail}")
-        return pa.table(cols, schema=SCHEMA)
+            cols["error"].append(f"{where}: {detail}")
+        head = {"split": batch["split"].tolist(), "spec": batch["spec"].tolist(), "where": wheres}
+        return pa.table({**head, **cols}, schema=SCHEMA)

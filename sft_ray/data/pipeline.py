@@ -149,7 +149,9 @@ def _select(batch: pa.Table, split: str, weights: list[float], seed: int) -> pa.
         take = []
         for i, (spec, where) in enumerate(zip(batch["spec"].to_pylist(), batch["where"].to_pylist())):
             w = weights[spec]
-            copies = int(w) + (unit_hash(seed, "weight", where) < w - int(w))
+            # Keyed on the file name and line, not the folder: the same rows are drawn wherever the data lives.
+            key = f"{spec}:{where.rsplit('/', 1)[-1]}"
+            copies = int(w) + (unit_hash(seed, "weight", key) < w - int(w))
             take += [i] * copies
         batch = batch.take(pa.array(take, pa.int64()))
     return batch.select(["input_ids", "labels", "n_tokens"])
