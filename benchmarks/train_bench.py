@@ -17,8 +17,9 @@ with packing on (`sft_ray.data.pipeline.prepare`), then measures, in one run on 
   (`sft_ray.train.worker._sft_config`), filler rows (`even_out`), batch size and steps. Once with
   one torch thread (what the Ray worker gets: Ray sets OMP_NUM_THREADS to the worker's 1 CPU) and
   once with torch's default (all cores).
-- what-if: the plain run on packed rows with a collator that keeps them as a [batch, max_length]
-  tensor with restarting position ids (no attention mask, not flattened into one sequence).
+- flattened: the plain run on packed rows flattened padding-free into one sequence per batch, the
+  layout the worker uses only with flash attention (`make_collator(..., flatten_packed=True)`); on
+  SDPA and eager attention packed rows stay a [batch, max_length] tensor with restarting position ids.
 
 Trained tokens/s = label tokens (labels != -100) of the training steps / seconds inside the steps
 (HF's on_step_begin to on_step_end: forward, backward, clipping, optimizer; not data loading,
@@ -214,26 +215,6 @@ def _load(samples: list, logs: list[dict]) -> dict:
 # ---------------------------------------------------------------- the plain run (a child process)
 
 
-def _rows_collator(pad_token_id: int):
-    """What-if: packed rows stay rows; position ids restart per example and there is no attention
-    mask, so transformers builds a block-diagonal mask per row (B x L^2 scores, not (B x L)^2)."""
-    import torch
-
-    def collate(examples: list[dict]) -> dict:
-        n = -(-max(len(e["input_ids"]) for e in examples) // 8) * 8
-        ids = torch.full((len(examples), n), pad_token_id)
-        labels = torch.full((len(examples), n), -100)
-        pos = torch.zeros((len(examples), n), dtype=torch.long)  # a pad is a sequence of its own
-        for i, e in enumerate(examples):
-            k = len(e["input_ids"])
-            ids[i, :k] = torch.tensor(e["input_ids"])
-            labels[i, :k] = torch.tensor(e["labels"])
-            pos[i, :k] = torch.tensor(e["position_ids"])
-        return {"input_ids": ids, "labels": labels, "position_ids": pos}
-
-    return collate
-
-
 def plain_run(spec: dict) -> dict:
     """TRL SFTTrainer in this process, set up as the Ray worker sets it up, minus Ray."""
     t_start = time.perf_counter()
@@ -259,27 +240,16 @@ def plain_run(spec: dict) -> dict:
     table = pa.concat_tables([pq.read_table(f) for f in files])
     cols = [c for c in ("input_ids", "labels", "position_ids") if c in table.column_names]
     train_ds = even_out(datasets.Dataset(table.select(cols)), cfg.train.per_device_batch_size, tokenizer.pad_token_id)
-    rows = spec["collator"] == "rows"
     trainer = SFTTrainer(
         model=model,
         args=_sft_config(cfg, spec["output_dir"], device, has_eval=False, resumed=False),
         train_dataset=train_ds,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
-        data_collator=_rows_collator(tokenizer.pad_token_id) if rows else make_collator(tokenizer.pad_token_id),
+        data_collator=make_collator(tokenizer.pad_token_id, flatten_packed=spec["collator"] == "flattened"),
     )
     counter = TokenCounter()
-    if rows:  # TokenCounter reads real tokens from an attention mask or cu_seq_lens; give it the pad mask
-        pad = tokenizer.pad_token_id
-        step = trainer.training_step
-
-        def counted(model, inputs, *args, **kwargs):
-            counter.add({**inputs, "attention_mask": inputs["input_ids"] != pad})
-            return step(model, inputs, *args, **kwargs)
-
-        trainer.training_step = counted
-    else:
-        trainer.training_step = counter.wrap(trainer.training_step)
+    trainer.training_step = counter.wrap(trainer.training_step)
 
     class StepClock(TrainerCallback):
         """The worker's RunCallback clock (on_step_begin to on_step_end), kept per step."""
@@ -489,9 +459,9 @@ def numbers(plain: dict, ray_runs: dict, manifests: dict) -> dict:
     r["ratio_packing_plain"] = (
         r["plain_packed_1t"]["trained_tokens_per_s"] / r["plain_padded_1t"]["trained_tokens_per_s"]
     )
-    r["loss_gap_rows_flattened"] = _loss_gap(r["whatif_packed_rows_1t"]["loss"], r["plain_packed_1t"]["loss"])
-    r["ratio_packing_rows_plain"] = (
-        r["whatif_packed_rows_1t"]["trained_tokens_per_s"] / r["plain_padded_1t"]["trained_tokens_per_s"]
+    r["loss_gap_rows_flattened"] = _loss_gap(r["plain_packed_flat_1t"]["loss"], r["plain_packed_1t"]["loss"])
+    r["ratio_packing_flattened_plain"] = (
+        r["plain_packed_flat_1t"]["trained_tokens_per_s"] / r["plain_padded_1t"]["trained_tokens_per_s"]
     )
     return r
 
@@ -562,7 +532,7 @@ def print_tables(r: dict) -> None:
         ("Ray, packing (packing: true)", lay_pack, ray_pack, ray_pad),
         ("plain 1 thread, padding", lay_pad, r["plain_padded_1t"], r["plain_padded_1t"]),
         ("plain 1 thread, packing", lay_pack, r["plain_packed_1t"], r["plain_padded_1t"]),
-        ("plain 1 thread, packing, rows not flattened", lay_pack, r["whatif_packed_rows_1t"], r["plain_padded_1t"]),
+        ("plain 1 thread, packing, flattened (flash)", lay_pack, r["plain_packed_flat_1t"], r["plain_padded_1t"]),
     ]
     for name, lay, n, base in rows:
         line = f"{name:44}{lay['rows']:>6}{lay['real_tokens']:>10}{lay['computed_tokens']:>10}"
@@ -572,14 +542,14 @@ def print_tables(r: dict) -> None:
         print(line)
     print(
         f"packing / padding through Ray: {r['ratio_packing_ray']:.2f}x (target >= 1.5x); "
-        f"plain path: {r['ratio_packing_plain']:.2f}x; with rows not flattened (what-if): "
-        f"{r['ratio_packing_rows_plain']:.2f}x (largest loss difference to flattened at a log: "
+        f"plain path: {r['ratio_packing_plain']:.2f}x; flattened into one sequence (the flash-attention "
+        f"layout): {r['ratio_packing_flattened_plain']:.2f}x (largest loss difference to rows at a log: "
         f"{_fmt(r['loss_gap_rows_flattened'], '.1e', 0)})"
     )
-    pad, pack, rows = r["plain_padded_1t"], r["plain_packed_1t"], r["whatif_packed_rows_1t"]
+    pad, pack, flat = r["plain_padded_1t"], r["plain_packed_1t"], r["plain_packed_flat_1t"]
     print(
         f"plain step time: padded {pad['ms_per_step']:.0f} ms for {pad['trained_tokens'] / pad['steps']:.0f} "
-        f"trained tok/step; packed {pack['ms_per_step']:.0f} ms flattened, {rows['ms_per_step']:.0f} ms not "
+        f"trained tok/step; packed {pack['ms_per_step']:.0f} ms as rows, {flat['ms_per_step']:.0f} ms "
         f"flattened, for {pack['trained_tokens'] / pack['steps']:.0f}"
     )
 
@@ -636,7 +606,7 @@ def main(argv: list[str] | None = None) -> None:
             "plain_padded_1t": run_plain("padded-1t", prepared[False][0], cfgs[False], work, threads=1),
             "plain_padded_default": run_plain("padded-default", prepared[False][0], cfgs[False], work, threads=None),
             "plain_packed_1t": run_plain("packed-1t", prepared[True][0], cfgs[True], work, threads=1),
-            "whatif_packed_rows_1t": run_plain("packed-rows-1t", prepared[True][0], cfgs[True], work, 1, "rows"),
+            "plain_packed_flat_1t": run_plain("packed-flat-1t", prepared[True][0], cfgs[True], work, 1, "flattened"),
         }
     load_after = os.getloadavg()
 

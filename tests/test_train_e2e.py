@@ -124,12 +124,15 @@ def test_two_workers_train_and_write_final(tmp_path, tiny_model, tokenizer, ray_
 
 
 @pytest.mark.slow
-def test_qlora_two_workers_awkward_row_count(tmp_path, tiny_model, ray_local):
-    """13 rows on 2 workers x 4: filler rows even out the steps, every row trained once, no hang."""
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_qlora_two_workers_awkward_row_count(tmp_path, tiny_model, ray_local, packing):
+    """13 rows (or 7 packed rows) on 2 workers: filler rows even out the steps, every row trained once, no hang."""
     from safetensors.torch import load_file
 
     from sft_ray.train.driver import train
 
+    # Examples are 17-19 tokens: max_length 40 packs two to a row, 13 examples into 7 rows.
+    data = {"packing": True, "max_length": 40} if packing else {}
     cfg = make_config(
         tmp_path,
         tiny_model,
@@ -137,14 +140,30 @@ def test_qlora_two_workers_awkward_row_count(tmp_path, tiny_model, ray_local):
         name="qlora",
         quantization={"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"},
         lora={"target_modules": "all-linear"},
-        train={"epochs": 2, "per_device_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 100},
+        data=data,
+        train={
+            "epochs": 2,
+            "per_device_batch_size": 2 if packing else 4,
+            "learning_rate": 5e-3,
+            "logging_steps": 1,
+            "save_steps": 100,
+        },
         scaling={"num_workers": 2},
     )
     summary = train(cfg)
-    assert summary["global_step"] == 4  # ceil(13 / 8) = 2 steps per epoch, 2 epochs
+    # ceil(13 / (2 x 4)) = 2 steps per epoch padded; ceil(7 / (2 x 2)) = 2 packed; 2 epochs.
+    assert summary["global_step"] == 4
+    manifest = json.loads(next((tmp_path / "storage" / "datasets").glob("*/manifest.json")).read_text())
+    assert manifest["layout"]["rows"] == (7 if packing else 13)
     tensors = load_file(tmp_path / "storage" / "qlora" / "final" / "adapter_model.safetensors")
     assert any("mlp.down_proj" in k for k in tensors)  # all-linear reached the MLP
     assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)
+    if packing:  # batches are packed rows: almost no compute goes to padding (filler rows aside)
+        logs = [
+            json.loads(line) for line in (tmp_path / "storage" / "qlora" / "metrics.jsonl").read_text().splitlines()
+        ]
+        fractions = [e["real_tokens_fraction"] for e in logs if "real_tokens_fraction" in e]
+        assert len(fractions) == 4 and max(fractions) > 0.85, fractions
 
 
 def test_unwritable_storage_fails_before_training(tmp_path, tiny_model):

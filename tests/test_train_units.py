@@ -1,5 +1,6 @@
 """The worker's training pieces in one process (no Ray): packed-batch loss, QLoRA gradients on CPU."""
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -19,7 +20,7 @@ def _cfg(tiny_model, tmp_path, **extra):
     )
 
 
-def _trainer(cfg, tokenizer, tmp_path):
+def _trainer(cfg, tokenizer, tmp_path, flatten_packed=False):
     import datasets
     from trl import SFTTrainer
 
@@ -35,7 +36,7 @@ def _trainer(cfg, tokenizer, tmp_path):
         train_dataset=dummy,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
-        data_collator=make_collator(tokenizer.pad_token_id),
+        data_collator=make_collator(tokenizer.pad_token_id, flatten_packed),
     )
 
 
@@ -52,14 +53,25 @@ def _examples(tokenizer):
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
 
 
-def test_packed_batch_loss_equals_separate_examples(tiny_model, tokenizer, tmp_path):
-    """Packed rows attend only within each example: the loss matches the examples run one by one."""
+@pytest.mark.parametrize("flatten", [False, True], ids=["rows", "flattened"])
+def test_packed_batch_loss_equals_separate_examples(tiny_model, tokenizer, tmp_path, flatten):
+    """Packed rows attend only within each example: the loss matches the examples run one by one,
+    whether a batch stays [rows, length] (SDPA, eager) or is flattened into one sequence (flash)."""
+    from sft_ray.data.formats import render_record
     from sft_ray.data.packing import pack_table
+    from sft_ray.data.tokenize import encode_batch, special_ids
+    from sft_ray.train.callbacks import TokenCounter
 
-    trainer = _trainer(_cfg(tiny_model, tmp_path), tokenizer, tmp_path)
+    trainer = _trainer(_cfg(tiny_model, tmp_path), tokenizer, tmp_path, flatten_packed=flatten)
     model = trainer.model
     model.train()
-    examples = _examples(tokenizer)
+    # Plus a text example with no BOS (as from a tokenizer that adds none): its first label is trained,
+    # and in a packed row it must not be predicted from the previous example's last token.
+    text = encode_batch(
+        tokenizer, [render_record({"text": "plain words to learn"}, "text")], special_ids(tokenizer), 64
+    )
+    examples = _examples(tokenizer) + [{"input_ids": text[0].input_ids[1:], "labels": text[0].labels[1:]}]
+    assert examples[-1]["labels"][0] != -100
     # Give the adapter non-zero weights so the comparison covers LoRA too.
     torch.manual_seed(0)
     with torch.no_grad():
@@ -78,19 +90,26 @@ def test_packed_batch_loss_equals_separate_examples(tiny_model, tokenizer, tmp_p
         counts += n
     separate = sums / counts
 
-    import pyarrow as pa
-
-    packed_rows = pack_table(pa.Table.from_pylist(examples), 512).to_pylist()
-    assert len(packed_rows) == 1  # all three in one row, positions restarting at each example
-    packed = loss_of(trainer.data_collator(packed_rows))
-    padded = loss_of(trainer.data_collator(examples))
-    assert packed == pytest.approx(separate, rel=1e-5)
-    assert padded == pytest.approx(separate, rel=1e-5)
-
+    one_row = pack_table(pa.Table.from_pylist(examples), 512).to_pylist()
+    assert len(one_row) == 1  # all four in one row, positions restarting at each example
+    assert loss_of(trainer.data_collator(one_row)) == pytest.approx(separate, rel=1e-5)
+    assert loss_of(trainer.data_collator(examples)) == pytest.approx(separate, rel=1e-5)  # padded rows
     # Control: the same row with positions running on (no boundaries) gives a different loss,
     # so the equality above is not an accident of the data.
-    leaky = [{**packed_rows[0], "position_ids": list(range(len(packed_rows[0]["input_ids"])))}]
+    leaky = [{**one_row[0], "position_ids": list(range(len(one_row[0]["input_ids"])))}]
     assert loss_of(trainer.data_collator(leaky)) != pytest.approx(separate, rel=1e-3)
+
+    # Several packed rows of different fill in one batch: the padding attends to nothing and trains
+    # nothing, and the token counter sees exactly the trained and the real tokens.
+    lengths = [len(e["input_ids"]) for e in examples]
+    rows = pack_table(pa.Table.from_pylist(examples), max(lengths) + 1).to_pylist()
+    batch = trainer.data_collator(rows)
+    assert len(rows) >= 2 and "attention_mask" not in batch
+    assert batch["input_ids"].shape[0] == (1 if flatten else len(rows))
+    assert loss_of(batch) == pytest.approx(separate, rel=1e-5)
+    counter = TokenCounter()
+    counter.add(batch)
+    assert counter.totals[:2] == [counts, sum(lengths)]
 
 
 def _lora_grads_after_eval(cfg, tokenizer, tmp_path, guard: bool) -> dict:

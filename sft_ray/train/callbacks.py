@@ -36,9 +36,13 @@ class TokenCounter:
         ids = inputs["input_ids"]
         if "attention_mask" in inputs:
             real = int(inputs["attention_mask"].sum())
-        else:  # padding-free: every pad position is a length-1 "sequence"; real examples are longer
+        elif "cu_seq_lens_q" in inputs:  # padding-free: every pad is a length-1 "sequence"; examples are longer
             lengths = inputs["cu_seq_lens_q"].diff()
             real = int(lengths[lengths > 1].sum())
+        else:  # packed rows: a position > 0, or a 0 followed by 1, is inside an example; a pad is a lone 0
+            pos = inputs["position_ids"]
+            follows = (pos[:, 1:] == 1).sum()
+            real = int((pos > 0).sum() + follows)
         self.totals[0] += int((inputs["labels"] != IGNORE).sum())
         self.totals[1] += real
         self.totals[2] += ids.numel()

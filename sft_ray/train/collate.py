@@ -1,8 +1,11 @@
-"""Batching prepared rows: padded rows, or packed rows flattened padding-free.
+"""Batching prepared rows: padded rows, or packed rows.
 
-Packed rows carry `position_ids` that restart at every example. They are flattened into one
-sequence per batch with no attention mask, so transformers derives a block-diagonal mask (or
-varlen lengths for flash attention) from the position ids and no example attends to another.
+Packed rows carry `position_ids` that restart at every example and go in with no attention mask,
+so transformers derives a block-diagonal mask from the position ids and no example attends to
+another. With a varlen kernel (flash attention) a batch is flattened padding-free into one
+sequence; with SDPA or eager attention it stays [batch, max_length]: a flattened batch would
+make that mask (batch x length)^2 instead of batch x length^2 (2x slower steps on CPU, measured
+by benchmarks/train_bench.py).
 """
 
 from __future__ import annotations
@@ -15,7 +18,26 @@ def seq_lengths(position_ids: list[int]) -> list[int]:
     return [b - a for a, b in zip(starts, starts[1:])]
 
 
-def make_collator(pad_token_id: int):
+def packed_rows(examples: list[dict], pad_token_id: int) -> dict:
+    """Packed rows as [batch, length] tensors; a pad position is a one-token sequence of its own."""
+    import torch
+
+    n = -(-max(len(e["input_ids"]) for e in examples) // 8) * 8
+    ids = torch.full((len(examples), n), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k] = torch.tensor(e["input_ids"])
+        labels[i, :k] = torch.tensor(e["labels"])
+        positions[i, :k] = torch.tensor(e["position_ids"])
+    # An example's first token has no predecessor of its own: its label would be predicted from the
+    # previous example's last token (TRL's padding-free collator masks it the same way).
+    labels[positions == 0] = IGNORE
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def make_collator(pad_token_id: int, flatten_packed: bool = False):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     padded = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, pad_to_multiple_of=8)
@@ -24,6 +46,8 @@ def make_collator(pad_token_id: int):
     def collate(examples: list[dict]) -> dict:
         if "position_ids" not in examples[0]:
             return padded([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+        if not flatten_packed:
+            return packed_rows(examples, pad_token_id)
         return packed(
             [
                 {

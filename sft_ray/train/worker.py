@@ -185,7 +185,8 @@ def train_loop(loop_config: dict) -> dict:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
-        data_collator=make_collator(tokenizer.pad_token_id),
+        # Flatten packed rows only for a varlen kernel (see collate.py).
+        data_collator=make_collator(tokenizer.pad_token_id, "flash" in (model.config._attn_implementation or "")),
     )
     trainer.training_step = counter.wrap(trainer.training_step)
     # First in line, so the throughput it adds to each log reaches TensorBoard and MLflow too.
