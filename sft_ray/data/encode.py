@@ -1,4 +1,4 @@
-"""The Ray Data actor that turns raw records into token ids and labels (tokenizer loaded once per actor)."""
+"""The Ray Data actor that turns raw records into token ids and labels."""
 
 from __future__ import annotations
 
@@ -53,15 +53,19 @@ class Encoder:
     def __init__(
         self,
         specs: list[dict],
+        tokenizer,
         model_path: str,
         trust_remote_code: bool,
         max_length: int,
         chat_template: str | None,
     ):
+        """`tokenizer`: the driver's own, unpickled here (about 1 s: no torch import, where
+        `AutoTokenizer` costs about 7 CPU-s per actor). None for remote-code tokenizers, whose
+        class may not be importable on another node: then each actor loads its own."""
         from sft_ray.model import load_tokenizer
 
         self.specs = specs
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, trust_remote_code)
         self.special = special_ids(self.tokenizer)
         self.max_length = max_length
         self.chat = None

@@ -116,8 +116,11 @@ def _encoded_rows(cfg: Config):
     import ray
 
     from sft_ray.data.encode import Encoder
+    from sft_ray.model import load_tokenizer
 
     source_specs = specs(cfg)
+    remote = cfg.model.trust_remote_code
+    tokenizer = None if remote else load_tokenizer(cfg.model.path)
     chunks = [c for i, s in enumerate(source_specs) for c in plan_chunks(s["path"], i, s["split"])]
     template = Path(cfg.data.chat_template).read_text() if cfg.data.chat_template else None
     # Actors take half a CPU each so the read tasks upstream always find one (stack-notes §8.4).
@@ -128,8 +131,9 @@ def _encoded_rows(cfg: Config):
             Encoder,
             fn_constructor_kwargs={
                 "specs": source_specs,
+                "tokenizer": tokenizer,
                 "model_path": cfg.model.path,
-                "trust_remote_code": cfg.model.trust_remote_code,
+                "trust_remote_code": remote,
                 "max_length": cfg.data.max_length,
                 "chat_template": template,
             },
