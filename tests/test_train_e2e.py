@@ -175,3 +175,27 @@ def test_unwritable_storage_fails_before_training(tmp_path, tiny_model):
     cfg = make_config(tmp_path, tiny_model, write_jsonl(tmp_path / "t.jsonl", ROWS), storage={"path": str(blocker)})
     with pytest.raises(StorageError, match="is not writable"):
         train(cfg)
+
+
+@pytest.mark.gpu
+def test_qlora_bf16_on_every_gpu_through_ray(tmp_path, tiny_model, ray_local):
+    """One worker per visible GPU, each on its own device: QLoRA with bf16 compute trains and writes final/."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sft_ray.train.driver import train
+
+    gpus = torch.cuda.device_count()
+    cfg = make_config(
+        tmp_path,
+        tiny_model,
+        write_jsonl(tmp_path / "train.jsonl", ROWS),
+        name="gpu",
+        model={"path": str(tiny_model), "dtype": "bfloat16"},
+        quantization={"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
+        train={"max_steps": 4, "per_device_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1},
+        scaling={"num_workers": gpus, "use_gpu": True},
+    )
+    assert train(cfg)["global_step"] == 4
+    tensors = load_file(tmp_path / "storage" / "gpu" / "final" / "adapter_model.safetensors")
+    assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)
