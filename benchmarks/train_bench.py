@@ -227,7 +227,7 @@ def plain_run(spec: dict) -> dict:
 
     from sft_ray.config import Config
     from sft_ray.model import load_model, load_tokenizer, lora_config
-    from sft_ray.train.callbacks import TokenCounter
+    from sft_ray.train.callbacks import TokenCounter, count_packed_rows_in_num_tokens
     from sft_ray.train.collate import make_collator
     from sft_ray.train.worker import _sft_config, even_out
 
@@ -250,6 +250,7 @@ def plain_run(spec: dict) -> dict:
     )
     counter = TokenCounter()
     trainer.training_step = counter.wrap(trainer.training_step)
+    count_packed_rows_in_num_tokens(trainer)
 
     class StepClock(TrainerCallback):
         """The worker's RunCallback clock (on_step_begin to on_step_end), kept per step."""

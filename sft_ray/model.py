@@ -1,6 +1,7 @@
 """Tokenizer and model loading (local folders or hub ids), LoRA and QLoRA adapter config.
 
-Imported only where the model is needed (Ray Data actors, Ray Train workers), never on the driver.
+Imported only where a tokenizer or model is needed: the data driver (which loads the tokenizer
+once for the Ray Data actors), the actors and the Ray Train workers.
 """
 
 from __future__ import annotations

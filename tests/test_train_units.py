@@ -25,12 +25,13 @@ def _trainer(cfg, tokenizer, tmp_path, flatten_packed=False):
     from trl import SFTTrainer
 
     from sft_ray.model import load_model, lora_config
+    from sft_ray.train.callbacks import count_packed_rows_in_num_tokens
     from sft_ray.train.collate import make_collator
     from sft_ray.train.worker import _sft_config
 
     device = torch.device("cpu")
     dummy = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]], "labels": [[1, 2, 3]]})
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=load_model(cfg, device),
         args=_sft_config(cfg, str(tmp_path / "out"), device, has_eval=False, resumed=False),
         train_dataset=dummy,
@@ -38,6 +39,8 @@ def _trainer(cfg, tokenizer, tmp_path, flatten_packed=False):
         peft_config=lora_config(cfg),
         data_collator=make_collator(tokenizer.pad_token_id, flatten_packed),
     )
+    count_packed_rows_in_num_tokens(trainer)  # as the worker does
+    return trainer
 
 
 def _examples(tokenizer):
@@ -106,10 +109,16 @@ def test_packed_batch_loss_equals_separate_examples(tiny_model, tokenizer, tmp_p
     batch = trainer.data_collator(rows)
     assert len(rows) >= 2 and "attention_mask" not in batch
     assert batch["input_ids"].shape[0] == (1 if flatten else len(rows))
+    seen = trainer._total_train_tokens
     assert loss_of(batch) == pytest.approx(separate, rel=1e-5)
     counter = TokenCounter()
     counter.add(batch)
     assert counter.totals[:2] == [counts, sum(lengths)]
+    # TRL's num_tokens (logged, and the run summary's tokens_seen) counts every row's tokens too; the
+    # flattened batch is padded to a multiple of 8 and TRL counts that padding there.
+    expected = batch["input_ids"].numel() if flatten else sum(lengths)
+    assert trainer._total_train_tokens - seen == expected
+    assert trainer._metrics["train"]["num_tokens"] == [trainer._total_train_tokens]
 
 
 def _lora_grads_after_eval(cfg, tokenizer, tmp_path, guard: bool) -> dict:

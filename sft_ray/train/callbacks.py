@@ -22,6 +22,33 @@ from sft_ray import storage
 IGNORE = -100
 
 
+def packed_real_tokens(position_ids) -> int:
+    """Real tokens of packed rows: a position > 0, or a 0 followed by 1, is inside an example; a pad is a lone 0."""
+    return int((position_ids > 0).sum() + (position_ids[:, 1:] == 1).sum())
+
+
+def count_packed_rows_in_num_tokens(trainer) -> None:
+    """TRL counts a batch without attention mask as one flattened sequence (`position_ids.size(1)`),
+    so its `num_tokens` would count one row per batch of packed rows: count every real token instead.
+    Same gather as TRL's own, at the same point, so every rank takes part."""
+    import torch
+
+    compute_loss = trainer.compute_loss
+
+    def counted(model, inputs, *args, **kwargs):
+        before = trainer._total_train_tokens
+        out = compute_loss(model, inputs, *args, **kwargs)
+        rows = "position_ids" in inputs and "attention_mask" not in inputs and "cu_seq_lens_q" not in inputs
+        if rows and trainer._total_train_tokens != before:  # a training batch TRL has just counted
+            pos = inputs["position_ids"]
+            real = torch.tensor([packed_real_tokens(pos)], device=pos.device)
+            trainer._total_train_tokens = before + int(trainer.accelerator.gather_for_metrics(real).sum())
+            trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
+        return out
+
+    trainer.compute_loss = counted
+
+
 class TokenCounter:
     """Counts trained, real and computed tokens of the batches the trainer steps on.
 
@@ -39,10 +66,8 @@ class TokenCounter:
         elif "cu_seq_lens_q" in inputs:  # padding-free: every pad is a length-1 "sequence"; examples are longer
             lengths = inputs["cu_seq_lens_q"].diff()
             real = int(lengths[lengths > 1].sum())
-        else:  # packed rows: a position > 0, or a 0 followed by 1, is inside an example; a pad is a lone 0
-            pos = inputs["position_ids"]
-            follows = (pos[:, 1:] == 1).sum()
-            real = int((pos > 0).sum() + follows)
+        else:
+            real = packed_real_tokens(inputs["position_ids"])
         self.totals[0] += int((inputs["labels"] != IGNORE).sum())
         self.totals[1] += real
         self.totals[2] += ids.numel()

@@ -3,7 +3,7 @@
 Packed rows carry `position_ids` that restart at every example and go in with no attention mask,
 so transformers derives a block-diagonal mask from the position ids and no example attends to
 another. With a varlen kernel (flash attention) a batch is flattened padding-free into one
-sequence; with SDPA or eager attention it stays [batch, max_length]: a flattened batch would
+sequence; with SDPA or eager attention it stays [batch, longest row]: a flattened batch would
 make that mask (batch x length)^2 instead of batch x length^2 (2x slower steps on CPU, measured
 by benchmarks/train_bench.py).
 """

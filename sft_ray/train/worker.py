@@ -153,7 +153,7 @@ def train_loop(loop_config: dict) -> dict:
     from trl import SFTTrainer
 
     from sft_ray.model import load_model, load_tokenizer, lora_config
-    from sft_ray.train.callbacks import RunCallback, TokenCounter
+    from sft_ray.train.callbacks import RunCallback, TokenCounter, count_packed_rows_in_num_tokens
     from sft_ray.train.collate import make_collator
     from sft_ray.train.final import write_final
 
@@ -189,6 +189,7 @@ def train_loop(loop_config: dict) -> dict:
         data_collator=make_collator(tokenizer.pad_token_id, "flash" in (model.config._attn_implementation or "")),
     )
     trainer.training_step = counter.wrap(trainer.training_step)
+    count_packed_rows_in_num_tokens(trainer)
     # First in line, so the throughput it adds to each log reaches TensorBoard and MLflow too.
     trainer.callback_handler.callbacks.insert(0, callback)
 
