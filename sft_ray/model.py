@@ -57,6 +57,27 @@ def load_model(cfg: Config, device):
     )
 
 
+def check_packing_isolates(model, where: str) -> None:
+    """Packed rows rely on the model building a per-example mask from `position_ids`. Some
+    architectures (OPT, Bloom, Falcon, MPT, much remote code) ignore them and would let every
+    example attend to the ones before it, silently: refuse those before any step is trained."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]], device=device)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2]], device=device)
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0, 3:].float()
+        alone = model(input_ids=ids[:, 3:], position_ids=pos[:, 3:], use_cache=False).logits[0].float()
+    # Half-precision and 4-bit kernels differ a little between the two shapes; attending across
+    # examples changes the logits by far more.
+    if (packed - alone).abs().max() > 0.05 * alone.abs().max() + 1e-3:
+        raise ValueError(
+            f"data.packing: the model {where} ({model.config.model_type}) does not keep packed examples apart "
+            "(its attention ignores position_ids), so they would attend to each other; set data.packing=false"
+        )
+
+
 def keep_4bit_trainable_on_cpu(model) -> None:
     """Stop bitsandbytes from repacking 4-bit weights on the first eval-mode CPU forward.
 

@@ -159,6 +159,8 @@ def test_qlora_two_workers_awkward_row_count(tmp_path, tiny_model, ray_local, pa
     assert any("mlp.down_proj" in k for k in tensors)  # all-linear reached the MLP
     assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)
     if packing:  # batches are packed rows: almost no compute goes to padding (filler rows aside)
+        # Tokens seen, summed over both workers: every real token of the packed rows, once per epoch.
+        assert summary["tokens_seen"] == 2 * manifest["layout"]["real_tokens"]
         logs = [
             json.loads(line) for line in (tmp_path / "storage" / "qlora" / "metrics.jsonl").read_text().splitlines()
         ]
@@ -178,7 +180,8 @@ def test_unwritable_storage_fails_before_training(tmp_path, tiny_model):
 
 
 @pytest.mark.gpu
-def test_qlora_bf16_on_every_gpu_through_ray(tmp_path, tiny_model, ray_local):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_qlora_bf16_on_every_gpu_through_ray(tmp_path, tiny_model, ray_local, packing):
     """One worker per visible GPU, each on its own device: QLoRA with bf16 compute trains and writes final/."""
     import torch
     from safetensors.torch import load_file
@@ -193,6 +196,7 @@ def test_qlora_bf16_on_every_gpu_through_ray(tmp_path, tiny_model, ray_local):
         name="gpu",
         model={"path": str(tiny_model), "dtype": "bfloat16"},
         quantization={"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
+        data={"packing": packing, "max_length": 40},
         train={"max_steps": 4, "per_device_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1},
         scaling={"num_workers": gpus, "use_gpu": True},
     )

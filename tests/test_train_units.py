@@ -174,3 +174,27 @@ def test_bf16_lora_and_qlora_on_cuda(tiny_model, tokenizer, tmp_path):
     trainer.model.train()
     trainer.compute_loss(trainer.model, batch).backward()
     assert all(p.grad is not None for n, p in trainer.model.named_parameters() if "lora_B" in n)
+
+
+def test_packing_refused_for_a_model_that_ignores_position_ids(tiny_model, tmp_path):
+    """Llama builds the per-example mask from position_ids; OPT derives positions from the attention
+    mask and would let packed examples attend to each other: refused, naming the config key."""
+    from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
+
+    from sft_ray.model import check_packing_isolates
+
+    check_packing_isolates(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), str(tiny_model))
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+        )
+    ).eval()
+    with pytest.raises(ValueError, match=r"data.packing: the model tiny-opt \(opt\) does not keep packed examples"):
+        check_packing_isolates(opt, "tiny-opt")

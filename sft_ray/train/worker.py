@@ -152,7 +152,7 @@ def train_loop(loop_config: dict) -> dict:
     import ray.train
     from trl import SFTTrainer
 
-    from sft_ray.model import load_model, load_tokenizer, lora_config
+    from sft_ray.model import check_packing_isolates, load_model, load_tokenizer, lora_config
     from sft_ray.train.callbacks import RunCallback, TokenCounter, count_packed_rows_in_num_tokens
     from sft_ray.train.collate import make_collator
     from sft_ray.train.final import write_final
@@ -169,6 +169,8 @@ def train_loop(loop_config: dict) -> dict:
 
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     model = load_model(cfg, device)
+    if cfg.data.packing:
+        check_packing_isolates(model, cfg.model.path)
     train_ds = even_out(
         _to_hf(ray.train.get_dataset_shard("train")), world * cfg.train.per_device_batch_size, tokenizer.pad_token_id
     )
