@@ -1,6 +1,8 @@
 """Exact resume and surviving a killed worker, on a real local Ray with 2 CPU workers."""
 
+import glob
 import json
+import tempfile
 
 import pytest
 from conftest import make_config, write_jsonl
@@ -70,3 +72,7 @@ def test_interrupted_then_killed_run_matches_uninterrupted(tmp_path, tiny_model,
     assert final_loss["loss"] == pytest.approx(full_hist[16], rel=1e-3)
     assert resumed["eval_loss_after"] == pytest.approx(full["eval_loss_after"], rel=1e-3)
     assert resumed["eval_loss_before"] == pytest.approx(full["eval_loss_before"], rel=1e-6)  # kept from run 1
+    # Each attempt removes the scratch its killed predecessors left on this node (HF checkpoints with
+    # optimizer state) and its own at the end: only staged uploads may remain, which Ray deletes.
+    left = [p for d in glob.glob(f"{tempfile.gettempdir()}/sft-ray/cut-*") for p in glob.glob(f"{d}/*")]
+    assert not [p for p in left if "/upload-" not in p], left

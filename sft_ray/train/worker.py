@@ -125,7 +125,13 @@ def _sft_config(cfg: Config, output_dir: str, device, has_eval: bool, resumed: b
 
 
 def _local_dir(name: str) -> str:
-    """One fresh folder per attempt, the same on every rank of a node (rank 0 picks, all agree)."""
+    """One fresh folder per attempt, the same on every rank of a node (rank 0 picks, all agree).
+
+    The folders that earlier attempts of this run left on this node go first: an attempt that was
+    killed never reached its own clean-up, and its HF checkpoints (with optimizer state) would
+    otherwise pile up with every restart. Their workers are gone: Ray Train stops a worker group
+    before it starts the next."""
+    import re
     import uuid
 
     import torch.distributed as dist
@@ -133,7 +139,13 @@ def _local_dir(name: str) -> str:
     box = [uuid.uuid4().hex[:8]]
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
-    return os.path.join(tempfile.gettempdir(), "sft-ray", f"{name}-{box[0]}")
+    path = os.path.join(tempfile.gettempdir(), "sft-ray", f"{name}-{box[0]}")
+    earlier = re.compile(re.escape(os.path.basename(name)) + "-[0-9a-f]{8}")
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(os.path.dirname(path)):
+            if entry.path != path and earlier.fullmatch(entry.name):
+                shutil.rmtree(entry.path, ignore_errors=True)  # every rank of the node tries: fine
+    return path
 
 
 def _baseline_generations(cfg: Config, trainer, tokenizer, prompts, device, rank: int, resumed: bool) -> dict:
