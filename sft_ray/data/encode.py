@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 
-import numpy as np
 import pyarrow as pa
 
 from sft_ray.data.formats import BadRow, render_record, turn_affixes
+from sft_ray.data.sources import read_chunk
 from sft_ray.data.tokenize import IGNORE, Encoded, encode_batch, special_ids
 
+BATCH_ROWS = 512
 SCHEMA = pa.schema(
     [
         ("split", pa.string()),
@@ -58,6 +61,8 @@ class Encoder:
         trust_remote_code: bool,
         max_length: int,
         chat_template: str | None,
+        eval_fraction: float = 0.0,
+        seed: int = 0,
     ):
         """`tokenizer`: the driver's own, unpickled here (about 1 s: no torch import, where
         `AutoTokenizer` costs about 7 CPU-s per actor). None for remote-code tokenizers, whose
@@ -68,6 +73,7 @@ class Encoder:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, trust_remote_code)
         self.special = special_ids(self.tokenizer)
         self.max_length = max_length
+        self.eval_fraction, self.seed = eval_fraction, seed
         self.chat = None
         if any(s["format"] == "messages" for s in specs):
             render = chat_renderer(self.tokenizer, chat_template)
@@ -81,13 +87,17 @@ class Encoder:
         except Exception as err:  # a template that raises on this conversation (e.g. role order)
             raise BadRow("template_error", f"chat template failed: {err}") from None
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        # Columns as Python lists once: indexing numpy object arrays row by row is slow.
-        wheres = batch["where"].tolist()
+    def __call__(self, chunks: pa.Table) -> Iterator[pa.Table]:
+        """Read each chunk here and encode it in batches: no raw-row blocks go through the object store."""
+        for chunk in chunks.to_pylist():
+            rows = read_chunk(chunk, self.eval_fraction, self.seed)
+            while batch := list(itertools.islice(rows, BATCH_ROWS)):
+                yield self.encode(batch)
+
+    def encode(self, rows: list[dict]) -> pa.Table:
+        wheres = [r["where"] for r in rows]
         examples, errors = [], {}
-        for i, (raw, bad_utf8, spec) in enumerate(
-            zip(batch["raw"].tolist(), batch["bad_utf8"].tolist(), batch["spec"].tolist())
-        ):
+        for i, (raw, bad_utf8, spec) in enumerate((r["raw"], r["bad_utf8"], r["spec"]) for r in rows):
             try:
                 examples.append(self._example(raw, bool(bad_utf8), self.specs[int(spec)]))
             except BadRow as err:
@@ -114,5 +124,5 @@ class Encoder:
             cols["truncated"].append(False)
             cols["drop_reason"].append(reason)
             cols["error"].append(f"{where}: {detail}")
-        head = {"split": batch["split"].tolist(), "spec": batch["spec"].tolist(), "where": wheres}
+        head = {"split": [r["split"] for r in rows], "spec": [r["spec"] for r in rows], "where": wheres}
         return pa.table({**head, **cols}, schema=SCHEMA)

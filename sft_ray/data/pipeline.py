@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 
 from sft_ray import storage
 from sft_ray.config import Config
-from sft_ray.data.sources import plan_chunks, read_chunk, unit_hash
+from sft_ray.data.sources import plan_chunks, unit_hash
 
 # Bump when the output of preparation changes for the same inputs (invalidates the cache).
 PREP_VERSION = 2
@@ -123,10 +123,10 @@ def _encoded_rows(cfg: Config):
     tokenizer = None if remote else load_tokenizer(cfg.model.path)
     chunks = [c for i, s in enumerate(source_specs) for c in plan_chunks(s["path"], i, s["split"])]
     template = Path(cfg.data.chat_template).read_text() if cfg.data.chat_template else None
-    # Actors take half a CPU each so the read tasks upstream always find one (stack-notes §8.4).
+    # Each actor reads its chunks itself (one per call) and encodes them, so raw rows never go
+    # through the object store. Half a CPU each: the pool fits where other work holds CPUs too.
     return (
         ray.data.from_items(chunks, override_num_blocks=len(chunks))
-        .flat_map(read_chunk, fn_kwargs={"eval_fraction": cfg.data.eval_fraction, "seed": cfg.data.seed})
         .map_batches(
             Encoder,
             fn_constructor_kwargs={
@@ -136,9 +136,11 @@ def _encoded_rows(cfg: Config):
                 "trust_remote_code": remote,
                 "max_length": cfg.data.max_length,
                 "chat_template": template,
+                "eval_fraction": cfg.data.eval_fraction,
+                "seed": cfg.data.seed,
             },
-            batch_size=512,
-            batch_format="numpy",
+            batch_size=1,
+            batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=_num_actors(len(chunks))),
             num_cpus=0.5,
         )
