@@ -64,33 +64,6 @@ HIDDEN, LAYERS, INTERMEDIATE = 256, 4, 688
 # ---------------------------------------------------------------- model and data
 
 
-def build_model(out: Path) -> Path:
-    """The tiny offline tokenizer with a larger random Llama (`sft_ray.tiny_model` has no size knob)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sft_ray.tiny_model import build_tokenizer
-
-    tok = build_tokenizer(SEED)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HIDDEN // 64,
-        num_key_value_heads=HIDDEN // 128,
-        max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(SEED)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def generate(path: Path, n: int, max_length: int, seed: int = SEED) -> None:
     """Instruction rows of about 20 tokens to past `max_length` tokens (log-normal, median ~0.27 x
     max_length, so ~4% are longer than max_length and get truncated); half have an input."""
@@ -583,7 +556,9 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         work = Path(tmp)
-        model = build_model(work / "model")
+        from sft_ray.tiny_model import build_tiny_model
+
+        model = build_tiny_model(work / "model", SEED, HIDDEN, LAYERS, INTERMEDIATE)
         data = work / "rows.jsonl"
         generate(data, max(600, steps * BATCH * 4), MAX_LENGTH)
         storage = work / "storage"

@@ -69,8 +69,11 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 1024):
     )
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write tokenizer files and a random ~1M-parameter Llama to `out_dir`."""
+def build_tiny_model(
+    out_dir: str | Path, seed: int = 0, hidden_size: int = 128, num_hidden_layers: int = 2, intermediate_size: int = 256
+) -> Path:
+    """Write tokenizer files and a random Llama to `out_dir` (~1M parameters at the default size;
+    benchmarks/train_bench.py builds a larger one so a step is mostly matrix products)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -78,9 +81,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     tok = build_tokenizer(seed)
     cfg = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
