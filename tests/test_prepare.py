@@ -97,7 +97,8 @@ def test_every_source_kind_and_format_mixed_with_weights(tmp_path, tiny_model, t
     assert sorted(t for t in trained if t[0].isdigit()) == sorted(f"{i}<|im_end|>" for i in range(10))
     assert sorted(t for t in trained if t.startswith("plain")) == [f"plain {i}<|im_end|>" for i in range(4)]
     assert manifest["splits"]["train"]["rows_written"] == len(kept_alpaca) + 12 + 10 + 4
-    # With trust_remote_code each actor loads its own tokenizer instead of unpickling the driver's: same rows.
+    # With trust_remote_code the actors take the other path (each loads its own tokenizer, as the
+    # driver's may not unpickle on another node): it must give the very same rows.
     remote = cfg.model_copy(update={"model": cfg.model.model_copy(update={"trust_remote_code": True})})
     out_remote, _ = prepare(remote, str(tmp_path / "remote"))
     assert pq.read_table(f"{out_remote}/train").equals(pq.read_table(f"{out}/train"))

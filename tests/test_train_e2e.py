@@ -182,7 +182,8 @@ def test_unwritable_storage_fails_before_training(tmp_path, tiny_model):
 @pytest.mark.gpu
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_qlora_bf16_on_every_gpu_through_ray(tmp_path, tiny_model, ray_local, packing):
-    """One worker per visible GPU, each on its own device: QLoRA with bf16 compute trains and writes final/."""
+    """One worker per visible GPU (Ray gives each its own): QLoRA with bf16 compute trains every
+    LoRA layer, padded and packed, and writes final/. Placement itself is Ray's: not asserted here."""
     import torch
     from safetensors.torch import load_file
 

@@ -99,7 +99,7 @@ class Encoder:
         examples, errors = [], {}
         for i, (raw, bad_utf8, spec) in enumerate((r["raw"], r["bad_utf8"], r["spec"]) for r in rows):
             try:
-                examples.append(self._example(raw, bool(bad_utf8), self.specs[int(spec)]))
+                examples.append(self._example(raw, bad_utf8, self.specs[spec]))
             except BadRow as err:
                 errors[i] = err
         encoded = iter(encode_batch(self.tokenizer, examples, self.special, self.max_length))

@@ -90,15 +90,13 @@ def cache_key(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_chat_template(cfg: Config) -> None:
+def _check_chat_template(cfg: Config, tokenizer) -> None:
     """Fail before any Ray work when a `messages` dataset cannot be masked with this template."""
     if not any(s.format == "messages" for s in cfg.data.train + cfg.data.eval):
         return
     from sft_ray.data.encode import chat_renderer
     from sft_ray.data.formats import ChatTemplateError, turn_affixes
-    from sft_ray.model import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     template = Path(cfg.data.chat_template).read_text() if cfg.data.chat_template else None
     try:
         turn_affixes(chat_renderer(tokenizer, template))
@@ -112,15 +110,13 @@ def _num_actors(n_chunks: int) -> int:
     return max(1, min(n_chunks, int(ray.cluster_resources().get("CPU", 1))))
 
 
-def _encoded_rows(cfg: Config):
+def _encoded_rows(cfg: Config, tokenizer):
     import ray
 
     from sft_ray.data.encode import Encoder
-    from sft_ray.model import load_tokenizer
 
     source_specs = specs(cfg)
     remote = cfg.model.trust_remote_code
-    tokenizer = None if remote else load_tokenizer(cfg.model.path)
     chunks = [c for i, s in enumerate(source_specs) for c in plan_chunks(s["path"], i, s["split"])]
     template = Path(cfg.data.chat_template).read_text() if cfg.data.chat_template else None
     # Each actor reads its chunks itself (one per call) and encodes them, so raw rows never go
@@ -131,7 +127,7 @@ def _encoded_rows(cfg: Config):
             Encoder,
             fn_constructor_kwargs={
                 "specs": source_specs,
-                "tokenizer": tokenizer,
+                "tokenizer": None if remote else tokenizer,
                 "model_path": cfg.model.path,
                 "trust_remote_code": remote,
                 "max_length": cfg.data.max_length,
@@ -274,13 +270,13 @@ def _manifest(cfg: Config, stats: pa.Table) -> dict:
     }
 
 
-def _run(cfg: Config, out_dir: str) -> dict:
+def _run(cfg: Config, out_dir: str, tokenizer) -> dict:
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs, same row order: needed for exact resume
     ctx.enable_progress_bars = False
-    rows = _encoded_rows(cfg)
+    rows = _encoded_rows(cfg, tokenizer)
     stats = rows.select_columns(["split", "spec", "n_tokens", "n_trained", "truncated", "drop_reason", "error"])
     manifest = _manifest(cfg, pa.concat_tables(ray.get(stats.to_arrow_refs())))
     for split in SPLITS:
@@ -319,7 +315,7 @@ def check_trainable(manifest: dict, cfg: Config, where: str) -> None:
         )
 
 
-def _build(cfg: Config, out: str) -> dict:
+def _build(cfg: Config, out: str, tokenizer) -> dict:
     """Write the prepared splits to `out` (without the manifest), never mixing with an older attempt.
 
     Locally the folder is built aside and renamed into place; an object store has no rename, so
@@ -328,12 +324,12 @@ def _build(cfg: Config, out: str) -> dict:
     if not storage.is_local(out):
         storage.check_writable(out)
         storage.delete_dir(out)
-        return _run(cfg, out)
+        return _run(cfg, out, tokenizer)
     storage.check_writable(os.path.dirname(out))
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)  # exists even when no split has a row to write
     try:
-        manifest = _run(cfg, tmp)
+        manifest = _run(cfg, tmp, tokenizer)
         if os.path.exists(out):
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -353,9 +349,13 @@ def prepare(cfg: Config, output: str | None = None) -> tuple[str, dict]:
             return out, manifest
     else:
         out = output if not storage.is_local(output) else os.path.abspath(output)
-    _check_chat_template(cfg)
+    from sft_ray.model import load_tokenizer
+
+    # Loaded once here: the template check uses it, and the encoder actors get a pickled copy.
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    _check_chat_template(cfg, tokenizer)
     start = time.time()
-    manifest = _build(cfg, out)
+    manifest = _build(cfg, out, tokenizer)
     manifest["seconds"] = round(time.time() - start, 2)
     storage.write_json(storage.join(out, "manifest.json"), manifest)  # last: marks the folder complete
     s = manifest["splits"]["train"]
