@@ -168,6 +168,21 @@ def test_bad_rows_skipped_and_counted(tmp_path, tiny_model, ray_local):
         prepare(cfg)
 
 
+def test_unusable_chat_template_is_refused_before_ray(tmp_path, tiny_model):
+    """Checked on the driver with the tokenizer prepare loads, before any Ray work or output."""
+    shouting = tmp_path / "shouting.jinja"
+    shouting.write_text(
+        "{% for m in messages %}{{ m['role'] + ': ' + (m['content'] | upper) + '<|im_end|>' }}{% endfor %}"
+    )
+    chat = write_jsonl(tmp_path / "chat.jsonl", CHAT)
+    cfg = make_config(
+        tmp_path, tiny_model, {"path": str(chat), "format": "messages"}, data={"chat_template": str(shouting)}
+    )
+    with pytest.raises(DataError, match="data: .*changes the assistant's content"):
+        prepare(cfg)
+    assert not (tmp_path / "storage" / "datasets").exists()
+
+
 def test_zero_trained_tokens_is_refused(tmp_path, tiny_model, ray_local):
     train = write_jsonl(tmp_path / "train.jsonl", [{"question": "word " * 200, "output": "x"}] * 3)
     with pytest.raises(DataError, match="the train split has no trained tokens"):
