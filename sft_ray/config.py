@@ -7,6 +7,7 @@ falls back to a default. The tree travels to Ray workers as a plain dict.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -180,24 +181,34 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form section.key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({err.problem})") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, source: str, overrides: list[str]) -> str:
+    given = {item.partition("=")[0].strip(): item for item in overrides}
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {key}: {msg}")
+        # A value from the command line is blamed on the command line, not on the file.
+        origin = next((f" (from the override {given[k]})" for k in given if key == k or key.startswith(k + ".")), "")
+        lines.append(f"  {key}: {msg}{origin}")
     return "\n".join(lines)
 
 
-def validate(tree: dict, source: str = "(dict)") -> Config:
+def validate(tree: dict, source: str = "(dict)", overrides: list[str] = ()) -> Config:
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, list(overrides))) from None
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # `name` or `namespace/name`, as the hub allows
 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:
@@ -213,9 +224,13 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         src.path = local(src.path)
     if cfg.data.chat_template:
         cfg.data.chat_template = local(cfg.data.chat_template)
-    # A model path that exists locally is a folder; anything else stays a hub id.
-    if (base / cfg.model.path).exists():
-        cfg.model.path = str((base / cfg.model.path).resolve())
+    # A model path that exists locally is a folder; anything else must be shaped like a hub id.
+    model = Path(cfg.model.path).expanduser()
+    if (base / model).exists():
+        cfg.model.path = str((base / model).resolve())
+    elif not HUB_ID.match(cfg.model.path):
+        looked = "" if model.is_absolute() else f" (looked for {base / model})"
+        raise ConfigError(f"model.path: {cfg.model.path} is neither a folder{looked} nor a hub id like Qwen/Qwen3-8B")
     return cfg
 
 
@@ -231,4 +246,4 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     apply_overrides(tree, list(overrides))
-    return _resolve_paths(validate(tree, str(path)), Path.cwd())
+    return _resolve_paths(validate(tree, str(path), overrides), Path.cwd())

@@ -55,8 +55,12 @@ def test_bad_value_is_named(tmp_path):
         load_config(_write(tmp_path, BASE), ["train.learning_rate=-1"])
     with pytest.raises(ConfigError, match=r"data\.train\.0\.format"):
         load_config(_write(tmp_path, BASE.replace("format: instruction", "format: nope")))
-    with pytest.raises(ConfigError, match=r"scaling\.num_workers: .*integer"):
+    blamed = r"scaling\.num_workers: .*integer.* \(from the override scaling.num_workers=two\)"
+    with pytest.raises(ConfigError, match=blamed):
         load_config(_write(tmp_path, BASE), ["scaling.num_workers=two"])
+    with pytest.raises(ConfigError) as err:  # a bad value in the file is not blamed on an override
+        load_config(_write(tmp_path, BASE + "train: {epochs: -1}\n"), ["train.learning_rate=0.1"])
+    assert "train.epochs: Input should be greater than 0" in str(err.value) and "override" not in str(err.value)
 
 
 def test_overrides_are_typed(tmp_path):
@@ -75,6 +79,18 @@ def test_override_syntax_and_sections(tmp_path):
         load_config(_write(tmp_path, BASE), ["name.x=1"])
     with pytest.raises(ConfigError, match=r"storage\.nope: unknown key"):
         load_config(_write(tmp_path, BASE), ["storage.nope=1"])
+    with pytest.raises(ConfigError, match=r"override 'lora.target_modules=\[foo': the value is not valid YAML"):
+        load_config(_write(tmp_path, BASE), ["lora.target_modules=[foo"])
+
+
+def test_model_path_is_a_folder_or_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    assert load_config(_write(tmp_path, BASE), ["model.path=models/mine"]).model.path == str(tmp_path / "models/mine")
+    assert load_config(_write(tmp_path, BASE), ["model.path=Qwen/Qwen2.5-0.5B"]).model.path == "Qwen/Qwen2.5-0.5B"
+    for missing in ("/no/such/model", "./models/nope", "models/a/b", "~/nope-model-dir"):
+        with pytest.raises(ConfigError, match=r"model.path: .* is neither a folder.* nor a hub id"):
+            load_config(_write(tmp_path, BASE), [f"model.path={missing}"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
