@@ -7,6 +7,7 @@ import sys
 
 from sft_ray.config import ConfigError, load_config
 from sft_ray.data.pipeline import DataError
+from sft_ray.storage import StorageError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="show prepared rows with trained tokens highlighted, and the data report")
     _config_args(p)
-    p.add_argument("--n", type=int, default=5, help="rows to show")
+    p.add_argument("--n", type=int, default=5, help="rows to show (default: 5)")
     p.add_argument("--html", help="also write an HTML page here")
 
     p = sub.add_parser("report", help="plots and a one-page HTML summary of a run, in RUN_DIR/report/")
@@ -100,15 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "prepare":
             from sft_ray.data.pipeline import prepare
-            from sft_ray.ray_runtime import ensure_ray
 
-            ensure_ray()
             prepare(cfg, args.output)
         elif args.command == "audit":
             from sft_ray.data.audit import audit
-            from sft_ray.ray_runtime import ensure_ray
 
-            ensure_ray()
             print(audit(cfg, args.n, args.html, color=sys.stdout.isatty()))
             if args.html:
                 print(f"HTML audit written to {args.html}")
@@ -131,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"sft-ray: {err}", file=sys.stderr)
         return 2
-    except (DataError, FileNotFoundError, FileExistsError) as err:
+    except (DataError, StorageError, FileNotFoundError, FileExistsError) as err:
         print(f"sft-ray: {err}", file=sys.stderr)
         return 1
     return 0

@@ -183,6 +183,25 @@ def test_unusable_chat_template_is_refused_before_ray(tmp_path, tiny_model):
     assert not (tmp_path / "storage" / "datasets").exists()
 
 
+def test_missing_source_and_unloadable_model_are_named_before_ray(tmp_path, tiny_model, monkeypatch):
+    """Bad input fails in seconds with the config key, before Ray starts or anything is written."""
+
+    def no_ray():
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr("sft_ray.ray_runtime.ensure_ray", no_ray)
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    cfg = make_config(tmp_path, tiny_model, train, tmp_path / "nope.jsonl")
+    for output in (None, str(tmp_path / "out")):
+        with pytest.raises(DataError, match=r"data\.eval\[0\]\.path: no such file or folder: .*nope\.jsonl"):
+            prepare(cfg, output)
+    no_tokenizer = tmp_path / "weights_only"
+    no_tokenizer.mkdir()
+    with pytest.raises(DataError, match=r"model\.path: cannot load a tokenizer from .*weights_only"):
+        prepare(make_config(tmp_path, no_tokenizer, train))
+    assert not (tmp_path / "storage").exists() and not (tmp_path / "out").exists()
+
+
 def test_zero_trained_tokens_is_refused(tmp_path, tiny_model, ray_local):
     train = write_jsonl(tmp_path / "train.jsonl", [{"question": "word " * 200, "output": "x"}] * 3)
     with pytest.raises(DataError, match="the train split has no trained tokens"):

@@ -69,6 +69,18 @@ def _fingerprint(uri: str) -> str:
     return h.hexdigest()
 
 
+def check_sources(cfg: Config) -> list[dict]:
+    """specs(cfg), refusing a missing file before any work is done, with the config key that names it."""
+    out = specs(cfg)
+    for split in SPLITS:
+        for i, src in enumerate(getattr(cfg.data, split)):
+            if not storage.exists(src.path):
+                raise DataError(f"data.{split}[{i}].path: no such file or folder: {src.path}")
+    if cfg.data.chat_template and not storage.exists(cfg.data.chat_template):
+        raise DataError(f"data.chat_template: no such file: {cfg.data.chat_template}")
+    return out
+
+
 def cache_key(cfg: Config) -> str:
     """Hash of everything that changes the prepared rows."""
     model_dir = Path(cfg.model.path)
@@ -81,7 +93,7 @@ def cache_key(cfg: Config) -> str:
         "version": PREP_VERSION,
         "tokenizer": tokenizer,
         "chat_template": _fingerprint(d.chat_template) if d.chat_template else None,
-        "sources": [{**s, "path": _fingerprint(s["path"])} for s in specs(cfg)],
+        "sources": [{**s, "path": _fingerprint(s["path"])} for s in check_sources(cfg)],
         "max_length": d.max_length,
         "packing": d.packing,
         "eval_fraction": d.eval_fraction,
@@ -338,31 +350,42 @@ def _build(cfg: Config, out: str, tokenizer) -> dict:
     return manifest
 
 
+def _describe(manifest: dict) -> str:
+    s = manifest["splits"]["train"]
+    dropped = ", ".join(f"{n} {r}" for r, n in s["rows_dropped"].items())
+    return (
+        f"train {s['rows_kept']}/{s['rows_read']} rows kept{f' (dropped: {dropped})' if dropped else ''}, "
+        f"{s['trained_tokens']}/{s['tokens']} tokens trained, {manifest['layout']['rows']} rows written"
+        f"{' packed' if manifest['layout']['packing'] else ''}"
+    )
+
+
 def prepare(cfg: Config, output: str | None = None) -> tuple[str, dict]:
     """Prepare the data once; reuse an identical earlier preparation. Returns (folder, manifest)."""
     if output is None:
         out = storage.join(cfg.storage.path, "datasets", cache_key(cfg))
         if storage.exists(storage.join(out, "manifest.json")):
-            print(f"prepared data: reusing {out} (same sources, tokenizer and settings)")
             manifest = storage.read_json(storage.join(out, "manifest.json"))
+            print(f"prepared data: reusing {out} (same sources, tokenizer and settings; {_describe(manifest)})")
             check_trainable(manifest, cfg, storage.join(out, "manifest.json"))
             return out, manifest
     else:
         out = output if not storage.is_local(output) else os.path.abspath(output)
+        check_sources(cfg)  # a missing file fails here, before anything is loaded or started
     from sft_ray.model import load_tokenizer
+    from sft_ray.ray_runtime import ensure_ray
 
     # Loaded once here: the template check uses it, and the encoder actors get a pickled copy.
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    try:
+        tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise DataError(f"model.path: cannot load a tokenizer from {cfg.model.path}: {err}") from None
     _check_chat_template(cfg, tokenizer)
+    ensure_ray()  # only now: bad input above fails in seconds, and a reused preparation needs no Ray
     start = time.time()
     manifest = _build(cfg, out, tokenizer)
     manifest["seconds"] = round(time.time() - start, 2)
     storage.write_json(storage.join(out, "manifest.json"), manifest)  # last: marks the folder complete
-    s = manifest["splits"]["train"]
-    print(
-        f"prepared data: {out} (train {s['rows_kept']}/{s['rows_read']} rows kept, "
-        f"{s['trained_tokens']}/{s['tokens']} tokens trained, {manifest['layout']['rows']} rows written"
-        f"{' packed' if cfg.data.packing else ''}) in {manifest['seconds']}s"
-    )
+    print(f"prepared data: {out} ({_describe(manifest)}) in {manifest['seconds']}s")
     check_trainable(manifest, cfg, storage.join(out, "manifest.json"))
     return out, manifest
