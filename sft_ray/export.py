@@ -63,6 +63,8 @@ def _eval_loss_at(checkpoint: Path, step: int) -> float | None:
 def find_checkpoint(run_dir: str, which: str) -> Path:
     """The adapter folder to export: `final/`, the lowest-eval-loss checkpoint, or the newest one."""
     run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run folder")
     if which == "final":
         final = run / "final"
         if not (final / "adapter_config.json").is_file():

@@ -122,10 +122,18 @@ def _table(rows: list[tuple[str, object]]) -> str:
     return f"<table>{body}</table>"
 
 
+def _lengths(bins: list[dict]) -> str:
+    """A length histogram as `from-to: rows` for the bins that hold rows."""
+    return ", ".join(f"{b['from']}-{b['to']}: {b['rows']}" for b in bins if b["rows"]) or "none"
+
+
 def _data_section(manifest: dict | None) -> str:
     if manifest is None:
         return "<p class=missing>final/data_manifest.json is missing: no data statistics.</p>"
-    splits = manifest.get("splits", {})
+    splits = {
+        name: {**stats, "length_histogram": _lengths(stats.get("length_histogram") or [])}
+        for name, stats in manifest.get("splits", {}).items()
+    }
     columns: list[str] = []
     for stats in splits.values():
         columns += [k for k in stats if k not in columns]
@@ -186,6 +194,9 @@ def write_report(run_dir: str) -> Path:
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run folder")
+    runs = sorted(p.name for p in run.iterdir() if (p / "metrics.jsonl").is_file() or (p / "final").is_dir())
+    if runs and not (run / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{run} holds runs ({', '.join(runs)}), it is not one: give {run}/<name>")
     final = run / "final"
     out = run / "report"
     out.mkdir(exist_ok=True)

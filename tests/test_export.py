@@ -77,6 +77,8 @@ def test_best_falls_back_to_the_last_eval_before_the_save(tmp_path):
 
 
 def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such run folder"):
+        find_checkpoint(str(tmp_path / "nope"), "final")
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         find_checkpoint(str(tmp_path), "latest")
     with pytest.raises(FileNotFoundError, match="final"):

@@ -77,6 +77,11 @@ def test_full_run(tmp_path):
                 "rows_written": 990,
                 "rows_dropped": {"bad_json": 10},
                 "tokens": 51234,
+                "length_histogram": [
+                    {"from": 1, "to": 64, "rows": 700},
+                    {"from": 65, "to": 128, "rows": 290},
+                    {"from": 129, "to": 192, "rows": 0},
+                ],
             },
             "eval": {"rows_read": 100, "rows_written": 100, "rows_dropped": {}, "tokens": 5120},
         }
@@ -93,6 +98,7 @@ def test_full_run(tmp_path):
     assert "<script>" not in page
     assert 'src="loss.png"' in page and 'src="learning_rate.png"' in page
     assert "51,234" in page and "bad_json: 10" in page  # data table
+    assert "1-64: 700, 65-128: 290<" in page  # the bins that hold rows
     assert "812.5" in page and "1:02:05" in page  # throughput
     assert "eval_loss_after" in page and "<pre>name: demo" in page
     assert "before: 0%, after: 100%" in page
@@ -121,3 +127,10 @@ def test_empty_run_folder_still_renders(tmp_path):
     assert not (tmp_path / "report" / "loss.png").exists()
     with pytest.raises(FileNotFoundError, match="no such run folder"):
         write_report(str(tmp_path / "nope"))
+    # storage.path itself (runs next to datasets/) is refused, not rendered as an empty run.
+    root = tmp_path / "storage"
+    _jsonl(root / "demo" / "metrics.jsonl", METRICS[:3])
+    (root / "datasets" / "0123abcd").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"holds runs \(demo\), it is not one"):
+        write_report(str(root))
+    assert not (root / "report").exists()
