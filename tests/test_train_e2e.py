@@ -14,7 +14,7 @@ ROWS = [{"question": f"Is {i} even?", "output": "yes" if i % 2 == 0 else "no"} f
 
 
 @pytest.mark.slow
-def test_two_workers_train_and_write_final(tmp_path, tiny_model, tokenizer, ray_local):
+def test_two_workers_train_and_write_final(tmp_path, tiny_model, tokenizer, ray_local, capsys):
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -121,6 +121,24 @@ def test_two_workers_train_and_write_final(tmp_path, tiny_model, tokenizer, ray_
     with torch.no_grad():
         merged_logits = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits
     assert torch.allclose(merged_logits, tuned_logits, atol=1e-4)
+
+    # Rerunning the finished run trains nothing and rewrites nothing: the same config is answered
+    # from final/ without starting a worker; a changed config that adds no step (here only the
+    # logging interval) resumes, finds no step left and keeps final/ as it was.
+    def files(folder):
+        return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+    kept, kept_lines = files(final), (run / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    again = train(cfg)
+    assert "run e2e already finished with this config" in capsys.readouterr().out
+    assert files(final) == kept and (run / "metrics.jsonl").read_text() == kept_lines
+    assert again["global_step"] == 6 and again["tokens_per_second"] == summary["tokens_per_second"]
+    assert again["samples"] == summary["samples"] and again["final_dir"] == summary["final_dir"]
+    cfg.train.logging_steps = 2
+    resumed = train(cfg)
+    assert files(final) == kept and resumed["global_step"] == 6
+    assert resumed["tokens_per_second"] == summary["tokens_per_second"]
 
 
 @pytest.mark.slow

@@ -11,8 +11,9 @@ import pyarrow.fs as pafs
 
 from sft_ray import storage
 from sft_ray.config import Config
-from sft_ray.data.pipeline import prepare
+from sft_ray.data.pipeline import check_sources, prepare
 from sft_ray.ray_runtime import ensure_ray
+from sft_ray.train.final import run_dir, stored_config, stored_summary
 
 
 def _read_split(prepared: str, split: str, manifest: dict):
@@ -113,9 +114,28 @@ def fit(
     return trainer.fit()
 
 
+def _finished(cfg: Config) -> dict | None:
+    """The stored summary when this very config already finished under this name.
+
+    Rerunning it would train nothing and overwrite final/ with a zero-step summary. A changed
+    config (more epochs, say) still resumes from the last checkpoint and trains on.
+    """
+    done = stored_summary(cfg)
+    if done is None or stored_config(cfg) != cfg.model_dump(mode="json"):
+        return None
+    print(
+        f"run {cfg.name} already finished with this config; its results are below. To train again, "
+        f"choose another name (name=...) or remove {run_dir(cfg)}"
+    )
+    return done
+
+
 def train(cfg: Config) -> dict:
     """Run one training job end to end; returns rank 0's summary."""
     storage.check_writable(cfg.storage.path)
+    if (done := _finished(cfg)) is not None:
+        return done
+    check_sources(cfg)  # before Ray starts: a wrong path fails in a second, not after the start-up
     started_local = ensure_ray()
     if started_local:
         _check_resources(cfg)

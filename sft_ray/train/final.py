@@ -14,6 +14,22 @@ def run_dir(cfg: Config) -> str:
     return storage.join(cfg.storage.path, cfg.name)
 
 
+def stored_summary(cfg: Config) -> dict | None:
+    """The summary of this run's complete final/, as the driver prints it; None when there is none."""
+    dest = storage.join(run_dir(cfg), "final")
+    if not storage.exists(storage.join(dest, storage.COMPLETE)):
+        return None
+    samples = storage.read_json(storage.join(dest, "samples.json"))["samples"]
+    return {**storage.read_json(storage.join(dest, "metrics.json")), "final_dir": dest, "samples": samples}
+
+
+def stored_config(cfg: Config) -> dict:
+    """The resolved config that this run's final/ was trained with."""
+    fs, path = storage.filesystem(storage.join(run_dir(cfg), "final", "config.yaml"))
+    with fs.open_input_stream(path) as f:
+        return yaml.safe_load(f.read().decode())
+
+
 def _loss_history(log_history: list[dict], eval_before: float | None) -> dict:
     train = [{"step": e["step"], "loss": e["loss"]} for e in log_history if "loss" in e]
     evals = {0: eval_before} if eval_before is not None else {}

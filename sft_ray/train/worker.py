@@ -8,6 +8,7 @@ on the driver): Ray and Accelerate must not both shard, or each epoch sees a fra
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -167,7 +168,7 @@ def train_loop(loop_config: dict) -> dict:
     from sft_ray.model import check_packing_isolates, load_model, load_tokenizer, lora_config
     from sft_ray.train.callbacks import RunCallback, TokenCounter, count_packed_rows_in_num_tokens
     from sft_ray.train.collate import make_collator
-    from sft_ray.train.final import write_final
+    from sft_ray.train.final import stored_summary, write_final
 
     cfg = Config.model_validate(loop_config["config"])
     ctx = ray.train.get_context()
@@ -209,15 +210,24 @@ def train_loop(loop_config: dict) -> dict:
 
     prompts = sample_prompts(eval_ds, cfg.train.samples) if eval_ds is not None else []
     before = _baseline_generations(cfg, trainer, tokenizer, prompts, device, rank, checkpoint is not None)
+    start_step = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
+            with open(os.path.join(ckpt_dir, "trainer_state.json")) as f:
+                start_step = json.load(f)["global_step"]
             result = trainer.train(resume_from_checkpoint=ckpt_dir)
     else:
         result = trainer.train()
-    after = {"eval_loss": trainer.evaluate()["eval_loss"]} if eval_ds is not None else {}
+    # A resumed run with no step left (its config changed, but not its length) keeps its final/:
+    # a new one would hold a zero-step throughput and generations from the same weights.
+    kept = stored_summary(cfg) if trainer.state.global_step == start_step else None
+    if kept is not None:
+        after = {"eval_loss": kept["eval_loss_after"]} if kept.get("eval_loss_after") is not None else {}
+    else:
+        after = {"eval_loss": trainer.evaluate()["eval_loss"]} if eval_ds is not None else {}
 
-    summary = {}
-    if rank == 0:
+    summary = kept if kept is not None and rank == 0 else {}
+    if kept is None and rank == 0:
         before = storage.read_json(storage.join(run_dir, "baseline.json"))  # + the step-0 eval loss
         after["generations"] = generate(trainer.model, tokenizer, prompts, device) if prompts else []
         summary = write_final(
