@@ -49,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SHOWN_SAMPLES = 3
+
+
+def _varied(samples: list[dict], n: int) -> list[dict]:
+    """Up to n samples, those with a reference not shown yet first: three alike show little."""
+    seen, first, rest = set(), [], []
+    for sample in samples:
+        (rest if sample["reference"] in seen else first).append(sample)
+        seen.add(sample["reference"])
+    return (first + rest)[:n]
+
+
 def _print_summary(s: dict) -> None:
     def f(x):
         return "n/a" if x is None else f"{x:.4f}"
@@ -61,12 +73,16 @@ def _print_summary(s: dict) -> None:
         f"steps {s.get('global_step')}, {int(s.get('tokens_seen') or 0)} tokens in {s.get('train_runtime_s', 0):.1f}s"
         f" = {tps:.0f} tokens/s ({trained_tps:.0f} trained tokens/s in training steps)"
     )
+    samples = s.get("samples", [])
     if s.get("eos_share_after") is not None:
         print(
-            f"stops with EOS  before {s['eos_share_before']:.0%}  after {s['eos_share_after']:.0%} of held-out prompts"
+            f"stops with EOS  before {s['eos_share_before']:.0%}  after {s['eos_share_after']:.0%}"
+            f" of {len(samples)} held-out prompts"
         )
+    if s.get("exact_share_after") is not None:
+        print(f"exact answers   before {s['exact_share_before']:.0%}  after {s['exact_share_after']:.0%}")
     print(f"adapter     {s.get('final_dir')}")
-    for i, sample in enumerate(s.get("samples", []), 1):
+    for i, sample in enumerate(_varied(samples, SHOWN_SAMPLES), 1):
         print(f"\n--- held-out prompt {i} ---\n{sample['prompt']}")
         print(f"[reference] {sample['reference']!r}")
         print(f"[before]    {sample['before']!r}")

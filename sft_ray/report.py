@@ -175,10 +175,11 @@ def _samples_section(samples: dict | None) -> str:
     if samples is None:
         return "<p class=missing>final/samples.json is missing: no sample generations.</p>"
     parts = []
-    eos = [(k, samples.get(f"eos_share_{k}")) for k in ("before", "after")]
-    if any(v is not None for _, v in eos):
-        shares = ", ".join(f"{k}: {'n/a' if v is None else f'{v:.0%}'}" for k, v in eos)
-        parts.append(f"<p>Generations that ended with EOS: {html.escape(shares)}</p>")
+    for key, what in (("eos_share", "ended with EOS"), ("exact_share", "were the reference exactly")):
+        got = [(k, samples.get(f"{key}_{k}")) for k in ("before", "after")]
+        if any(v is not None for _, v in got):
+            shares = ", ".join(f"{k}: {'n/a' if v is None else f'{v:.0%}'}" for k, v in got)
+            parts.append(f"<p>Generations that {what}: {html.escape(shares)}</p>")
     cols = ("prompt", "reference", "before", "after")
     head = "<tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
     body = "".join(

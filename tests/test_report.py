@@ -68,7 +68,15 @@ def test_full_run(tmp_path):
     (final / "metrics.json").write_text(json.dumps(summary))
     samples = [{"prompt": EVIL, "reference": "positive", "before": "x y z", "after": "positive"}]
     (final / "samples.json").write_text(
-        json.dumps({"samples": samples, "eos_share_before": 0.0, "eos_share_after": 1.0})
+        json.dumps(
+            {
+                "samples": samples,
+                "eos_share_before": 0.0,
+                "eos_share_after": 1.0,
+                "exact_share_before": 0.0,
+                "exact_share_after": 0.5,
+            }
+        )
     )
     manifest = {
         "splits": {
@@ -101,7 +109,8 @@ def test_full_run(tmp_path):
     assert "1-64: 700, 65-128: 290<" in page  # the bins that hold rows
     assert "812.5" in page and "1:02:05" in page  # throughput
     assert "eval_loss_after" in page and "<pre>name: demo" in page
-    assert "before: 0%, after: 100%" in page
+    assert "ended with EOS: before: 0%, after: 100%" in page
+    assert "were the reference exactly: before: 0%, after: 50%" in page
     assert "Missing" not in page
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 

@@ -70,6 +70,9 @@ def test_two_workers_train_and_write_final(tmp_path, tiny_model, tokenizer, ray_
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
     samples = json.loads((final / "samples.json").read_text())
     assert len(samples["samples"]) == 2 and 0 <= samples["eos_share_after"] <= 1
+    exact = sum(x["after"] == x["reference"] for x in samples["samples"]) / 2
+    assert samples["exact_share_after"] == metrics["exact_share_after"] == exact
+    assert all(x["reference"].endswith("<|im_end|>") for x in samples["samples"])  # EOS is part of an exact answer
 
     # metrics.jsonl: one line per log, with throughput and memory on training logs.
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -64,6 +64,11 @@ def _share(generations: list[dict]) -> float | None:
     return sum(map(clean_stop, generations)) / len(generations) if generations else None
 
 
+def _exact_share(samples: list[dict], when: str) -> float | None:
+    """Generations that are the reference exactly, EOS included: the plain signal for short answers."""
+    return sum(s[when] == s["reference"] for s in samples) / len(samples) if samples else None
+
+
 def write_final(
     cfg: Config,
     trainer,
@@ -89,6 +94,8 @@ def write_final(
     shares = {
         "eos_share_before": _share(before.get("generations", [])),
         "eos_share_after": _share(after.get("generations", [])),
+        "exact_share_before": _exact_share(samples, "before"),
+        "exact_share_after": _exact_share(samples, "after"),
     }
     summary.update(shares)
     dest = storage.join(run_dir(cfg), "final")
