@@ -67,8 +67,11 @@ def test_train_on_s3_then_resume_from_the_bucket(tmp_path, tiny_model, s3_bucket
     import boto3
     from safetensors.torch import load
 
+    from sft_ray.train import driver
     from sft_ray.train.driver import train
 
+    # Read tasks, as for a dataset too large for the driver (the other tests read small splits on the driver).
+    monkeypatch.setattr(driver, "DRIVER_READ_BYTES", 0)
     monkeypatch.chdir(tmp_path)  # a path mistaken for a local one would show up here as ./s3:/...
     s3 = boto3.client("s3")
 
