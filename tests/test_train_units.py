@@ -176,6 +176,20 @@ def test_bf16_lora_and_qlora_on_cuda(tiny_model, tokenizer, tmp_path):
     assert all(p.grad is not None for n, p in trainer.model.named_parameters() if "lora_B" in n)
 
 
+@pytest.mark.parametrize("on", [False, True])
+def test_gradient_checkpointing_follows_the_config_without_a_warning(tiny_model, tmp_path, on):
+    import warnings
+
+    from sft_ray.train.worker import _sft_config
+
+    cfg = _cfg(tiny_model, tmp_path, train={"gradient_checkpointing": on})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = _sft_config(cfg, str(tmp_path / "out"), torch.device("cpu"), has_eval=False, resumed=False)
+    assert args.activation_checkpointing is on and args.gradient_checkpointing is on  # TRL's default is True
+    assert not [w for w in caught if "checkpointing" in str(w.message)]
+
+
 def test_packing_refused_for_a_model_that_ignores_position_ids(tiny_model, tmp_path):
     """Llama builds the per-example mask from position_ids; OPT derives positions from the attention
     mask and would let packed examples attend to each other: refused, naming the config key."""

@@ -114,8 +114,9 @@ def _sft_config(cfg: Config, output_dir: str, device, has_eval: bool, resumed: b
         seed=t.seed,
         data_seed=t.seed,
         bf16=bf16,
-        gradient_checkpointing=t.gradient_checkpointing,  # TRL would default it on (stack-notes T2)
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # TRL would default it on (stack-notes T2); the new names also keep the old ones' FutureWarning away.
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         report_to=list(t.report_to) or "none",
         disable_tqdm=True,
         ddp_find_unused_parameters=False,
