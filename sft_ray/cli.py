@@ -68,11 +68,14 @@ def _print_summary(s: dict) -> None:
     print("\n=== sft-ray result ===")
     print(f"eval loss   before {f(s.get('eval_loss_before'))}  after {f(s.get('eval_loss_after'))}")
     print(f"train loss  first  {f(s.get('train_loss_first'))}  last  {f(s.get('train_loss_last'))}")
-    tps, trained_tps = s.get("tokens_per_second") or 0, s.get("trained_tokens_per_second") or 0
-    print(
-        f"steps {s.get('global_step')}, {int(s.get('tokens_seen') or 0)} tokens in {s.get('train_runtime_s', 0):.1f}s"
-        f" = {tps:.0f} tokens/s ({trained_tps:.0f} trained tokens/s in training steps)"
+    tps, trained_tps = s.get("tokens_per_second"), s.get("trained_tokens_per_second") or 0
+    rate = (
+        f"= {tps:.0f} tokens/s ({trained_tps:.0f} trained tokens/s in training steps)"
+        if tps is not None
+        else "(no step was left to train in this attempt)"
     )
+    tokens, runtime = int(s.get("tokens_seen") or 0), s.get("train_runtime_s") or 0
+    print(f"steps {s.get('global_step')}, {tokens} tokens in {runtime:.1f}s {rate}")
     samples = s.get("samples", [])
     if s.get("eos_share_after") is not None:
         print(

@@ -184,7 +184,8 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
-            raise ConfigError(f"override '{item}': the value is not valid YAML ({err.problem})") from None
+            reason = getattr(err, "problem", None) or err
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({reason})") from None
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -225,7 +226,7 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     if cfg.data.chat_template:
         cfg.data.chat_template = local(cfg.data.chat_template)
     # A model path that exists locally is a folder; anything else must be shaped like a hub id.
-    model = Path(cfg.model.path).expanduser()
+    model = Path(os.path.expanduser(cfg.model.path))
     if (base / model).exists():
         cfg.model.path = str((base / model).resolve())
     elif not HUB_ID.match(cfg.model.path):

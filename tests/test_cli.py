@@ -7,7 +7,13 @@ from sft_ray.cli import _varied, main
 DEMO = str(REPO / "jobs" / "configs" / "demo.yaml")
 
 
-def test_bad_input_is_one_line_naming_the_key(tmp_path, capsys):
+def test_bad_input_is_one_line_naming_the_key(tmp_path, capsys, monkeypatch):
+    def no_ray():
+        raise AssertionError("Ray was started")
+
+    # All of these fail before Ray starts.
+    monkeypatch.setattr("sft_ray.ray_runtime.ensure_ray", no_ray)
+    monkeypatch.setattr("sft_ray.train.driver.ensure_ray", no_ray)
     missing = f"{tmp_path}/nope.jsonl"
     cases = [
         (["train.learning_rate=abc"], 2, "train.learning_rate: Input should be a valid number"),

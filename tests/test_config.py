@@ -81,6 +81,8 @@ def test_override_syntax_and_sections(tmp_path):
         load_config(_write(tmp_path, BASE), ["storage.nope=1"])
     with pytest.raises(ConfigError, match=r"override 'lora.target_modules=\[foo': the value is not valid YAML"):
         load_config(_write(tmp_path, BASE), ["lora.target_modules=[foo"])
+    with pytest.raises(ConfigError, match="override 'name=\x01': the value is not valid YAML"):
+        load_config(_write(tmp_path, BASE), ["name=\x01"])  # a reader error, not a parser error
 
 
 def test_model_path_is_a_folder_or_a_hub_id(tmp_path, monkeypatch):
@@ -88,7 +90,7 @@ def test_model_path_is_a_folder_or_a_hub_id(tmp_path, monkeypatch):
     (tmp_path / "models" / "mine").mkdir(parents=True)
     assert load_config(_write(tmp_path, BASE), ["model.path=models/mine"]).model.path == str(tmp_path / "models/mine")
     assert load_config(_write(tmp_path, BASE), ["model.path=Qwen/Qwen2.5-0.5B"]).model.path == "Qwen/Qwen2.5-0.5B"
-    for missing in ("/no/such/model", "./models/nope", "models/a/b", "~/nope-model-dir"):
+    for missing in ("/no/such/model", "./models/nope", "models/a/b", "~/nope-model-dir", "~nosuchuser/m"):
         with pytest.raises(ConfigError, match=r"model.path: .* is neither a folder.* nor a hub id"):
             load_config(_write(tmp_path, BASE), [f"model.path={missing}"])
 

@@ -195,6 +195,9 @@ def test_missing_source_and_unloadable_model_are_named_before_ray(tmp_path, tiny
     for output in (None, str(tmp_path / "out")):
         with pytest.raises(DataError, match=r"data\.eval\[0\]\.path: no such file or folder: .*nope\.jsonl"):
             prepare(cfg, output)
+    cfg = make_config(tmp_path, tiny_model, train, data={"chat_template": str(tmp_path / "nope.jinja")})
+    with pytest.raises(DataError, match=r"data\.chat_template: no such file: .*nope\.jinja"):
+        prepare(cfg)
     no_tokenizer = tmp_path / "weights_only"
     no_tokenizer.mkdir()
     with pytest.raises(DataError, match=r"model\.path: cannot load a tokenizer from .*weights_only"):

@@ -142,6 +142,14 @@ def test_two_workers_train_and_write_final(tmp_path, tiny_model, tokenizer, ray_
     resumed = train(cfg)
     assert files(final) == kept and resumed["global_step"] == 6
     assert resumed["tokens_per_second"] == summary["tokens_per_second"]
+    # But a final/ of an earlier step (a run extended, then stopped after its last checkpoint and
+    # before its final/) is replaced by the adapter of the step resumed from.
+    stale = {**json.loads((final / "metrics.json").read_text()), "global_step": 4}
+    (final / "metrics.json").write_text(json.dumps(stale))
+    cfg.train.logging_steps = 3
+    assert train(cfg)["global_step"] == 6
+    rewritten = json.loads((final / "metrics.json").read_text())
+    assert rewritten["global_step"] == 6 and rewritten["tokens_per_second"] is None  # no step in that attempt
 
 
 @pytest.mark.slow

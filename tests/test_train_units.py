@@ -176,6 +176,18 @@ def test_bf16_lora_and_qlora_on_cuda(tiny_model, tokenizer, tmp_path):
     assert all(p.grad is not None for n, p in trainer.model.named_parameters() if "lora_B" in n)
 
 
+def test_sample_prompts_take_the_first_trained_span_as_the_reference():
+    import datasets
+
+    from sft_ray.train.worker import sample_prompts
+
+    # A two-turn conversation: prompt 1-2, first reply 3-4, second user turn 5, second reply 6-7.
+    row = {"input_ids": [1, 2, 3, 4, 5, 6, 7], "labels": [-100, -100, 3, 4, -100, 6, 7]}
+    text = {"input_ids": [9, 8], "labels": [9, 8]}  # trained from the first token on
+    got = sample_prompts(datasets.Dataset.from_list([row, text, row]), 2)
+    assert got == [{"prompt_ids": [1, 2], "reference_ids": [3, 4]}, {"prompt_ids": [], "reference_ids": [9, 8]}]
+
+
 @pytest.mark.parametrize("on", [False, True])
 def test_gradient_checkpointing_follows_the_config_without_a_warning(tiny_model, tmp_path, on):
     import warnings

@@ -88,12 +88,13 @@ def cache_key(cfg: Config) -> str:
         tokenizer = {n: _fingerprint(str(model_dir / n)) for n in TOKENIZER_FILES if (model_dir / n).exists()}
     else:
         tokenizer = {"hub_id": cfg.model.path}
+    sources = check_sources(cfg)
     d = cfg.data
     parts = {
         "version": PREP_VERSION,
         "tokenizer": tokenizer,
         "chat_template": _fingerprint(d.chat_template) if d.chat_template else None,
-        "sources": [{**s, "path": _fingerprint(s["path"])} for s in check_sources(cfg)],
+        "sources": [{**s, "path": _fingerprint(s["path"])} for s in sources],
         "max_length": d.max_length,
         "packing": d.packing,
         "eval_fraction": d.eval_fraction,
@@ -379,7 +380,8 @@ def prepare(cfg: Config, output: str | None = None) -> tuple[str, dict]:
     try:
         tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise DataError(f"model.path: cannot load a tokenizer from {cfg.model.path}: {err}") from None
+        taken = "" if os.path.isdir(cfg.model.path) else " (no such folder, so it was taken as a hub id)"
+        raise DataError(f"model.path: cannot load a tokenizer from {cfg.model.path}{taken}: {err}") from None
     _check_chat_template(cfg, tokenizer)
     ensure_ray()  # only now: bad input above fails in seconds, and a reused preparation needs no Ray
     start = time.time()

@@ -57,6 +57,10 @@ def _fault_injection() -> dict:
 
 def load_splits(prepared: str, manifest: dict) -> dict:
     """The prepared splits as materialized Ray Datasets, read once and shared by every run that trains on them."""
+    import ray
+
+    # Blocks in file order on every read, or a resumed run would skip other rows than it trained.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     datasets = {"train": _read_split(prepared, "train", manifest)}
     if (eval_ds := _read_split(prepared, "eval", manifest)) is not None:
         datasets["eval"] = eval_ds
@@ -131,8 +135,8 @@ def _finished(cfg: Config) -> dict | None:
     if done is None or stored_config(cfg) != cfg.model_dump(mode="json"):
         return None
     print(
-        f"run {cfg.name} already finished with this config; its results are below. To train again, "
-        f"choose another name (name=...) or remove {run_dir(cfg)}"
+        f"run {cfg.name} already finished with this config (data files are not compared); its results are "
+        f"below. To train again, choose another name (name=...) or remove {run_dir(cfg)}"
     )
     return done
 

@@ -37,10 +37,15 @@ def _loss_history(log_history: list[dict], eval_before: float | None) -> dict:
     return {"train": train, "eval": [{"step": s, "eval_loss": v} for s, v in sorted(evals.items())]}
 
 
-def summarize(trainer, before: dict, after: dict, train_metrics: dict, rates: list[float]) -> dict:
-    history = _loss_history(trainer.state.log_history, before.get("eval_loss"))
-    tokens = max([e.get("num_tokens", 0) for e in trainer.state.log_history] or [0])
+def summarize(trainer, before: dict, after: dict, train_metrics: dict, rates: list[float], start_step: int = 0) -> dict:
+    """`tokens_seen` counts the whole run; `tokens_per_second` only this attempt's tokens (since
+    `start_step`, as of the last log at or before it) over this attempt's training time."""
+    logs = trainer.state.log_history
+    history = _loss_history(logs, before.get("eval_loss"))
+    tokens = max([e.get("num_tokens", 0) for e in logs] or [0])
+    earlier = max([e.get("num_tokens", 0) for e in logs if e.get("step", 0) <= start_step] or [0])
     runtime = train_metrics.get("train_runtime") or 0.0
+    trained_now = trainer.state.global_step > start_step
     return {
         "global_step": trainer.state.global_step,
         "eval_loss_before": before.get("eval_loss"),
@@ -49,7 +54,7 @@ def summarize(trainer, before: dict, after: dict, train_metrics: dict, rates: li
         "train_loss_last": history["train"][-1]["loss"] if history["train"] else None,
         "train_runtime_s": runtime,
         "tokens_seen": tokens,
-        "tokens_per_second": tokens / runtime if runtime else None,
+        "tokens_per_second": (tokens - earlier) / runtime if runtime and trained_now else None,
         "trained_tokens_per_second": sum(rates) / len(rates) if rates else None,
         "history": history,
     }
@@ -79,9 +84,10 @@ def write_final(
     train_metrics: dict,
     manifest: dict,
     rates: list[float],
+    start_step: int = 0,
 ) -> dict:
     """Write `final/` whole (never half) and return the summary the driver prints."""
-    summary = summarize(trainer, before, after, train_metrics, rates)
+    summary = summarize(trainer, before, after, train_metrics, rates, start_step)
     samples = [
         {
             "prompt": tokenizer.decode(p["prompt_ids"], skip_special_tokens=True),

@@ -48,12 +48,14 @@ def even_out(ds, per_step_rows: int, pad_token_id: int):
 
 
 def sample_prompts(eval_ds, n: int) -> list[dict]:
-    """The first n held-out rows split into prompt ids (the untrained prefix) and reference ids."""
+    """The first n held-out rows split into prompt ids (the untrained prefix) and reference ids
+    (the first trained span: a multi-turn conversation's first assistant turn, not the later ones)."""
     out = []
     for row in eval_ds.select(range(min(n, len(eval_ds)))):
         ids, labels = row["input_ids"], row["labels"]
         first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
-        out.append({"prompt_ids": ids[:first], "reference_ids": [t for t in labels[first:] if t != IGNORE]})
+        end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE), len(labels))
+        out.append({"prompt_ids": ids[:first], "reference_ids": labels[first:end]})
     return out
 
 
@@ -162,6 +164,26 @@ def _baseline_generations(cfg: Config, trainer, tokenizer, prompts, device, rank
     return before
 
 
+def _kept_final(cfg: Config, step: int, start_step: int, rank: int) -> dict | None:
+    """The stored final/ summary when this attempt trained no step and final/ is of this very step.
+
+    Such a resume (its config changed, but not its length) keeps final/: a new one would hold a
+    zero-step throughput. Rank 0 decides for all, since every rank must agree on the evaluation
+    that follows otherwise.
+    """
+    import torch.distributed as dist
+
+    from sft_ray.train.final import stored_summary
+
+    box = [None]
+    if rank == 0 and step == start_step:
+        stored = stored_summary(cfg)
+        box = [stored if stored is not None and stored["global_step"] == step else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def train_loop(loop_config: dict) -> dict:
     import ray.train
     from trl import SFTTrainer
@@ -169,7 +191,7 @@ def train_loop(loop_config: dict) -> dict:
     from sft_ray.model import check_packing_isolates, load_model, load_tokenizer, lora_config
     from sft_ray.train.callbacks import RunCallback, TokenCounter, count_packed_rows_in_num_tokens
     from sft_ray.train.collate import make_collator
-    from sft_ray.train.final import stored_summary, write_final
+    from sft_ray.train.final import write_final
 
     cfg = Config.model_validate(loop_config["config"])
     ctx = ray.train.get_context()
@@ -219,9 +241,7 @@ def train_loop(loop_config: dict) -> dict:
             result = trainer.train(resume_from_checkpoint=ckpt_dir)
     else:
         result = trainer.train()
-    # A resumed run with no step left (its config changed, but not its length) keeps its final/:
-    # a new one would hold a zero-step throughput and generations from the same weights.
-    kept = stored_summary(cfg) if trainer.state.global_step == start_step else None
+    kept = _kept_final(cfg, trainer.state.global_step, start_step, rank)
     if kept is not None:
         after = {"eval_loss": kept["eval_loss_after"]} if kept.get("eval_loss_after") is not None else {}
     else:
@@ -232,7 +252,16 @@ def train_loop(loop_config: dict) -> dict:
         before = storage.read_json(storage.join(run_dir, "baseline.json"))  # + the step-0 eval loss
         after["generations"] = generate(trainer.model, tokenizer, prompts, device) if prompts else []
         summary = write_final(
-            cfg, trainer, tokenizer, prompts, before, after, result.metrics, loop_config["manifest"], callback.rates
+            cfg,
+            trainer,
+            tokenizer,
+            prompts,
+            before,
+            after,
+            result.metrics,
+            loop_config["manifest"],
+            callback.rates,
+            start_step,
         )
         callback.upload_logs()
     final_metrics = {"finished": 1, "step": trainer.state.global_step}
