@@ -2,7 +2,9 @@
 
 from conftest import REPO
 
+from sft_ray import ray_runtime
 from sft_ray.cli import _varied, main
+from sft_ray.train import driver  # imported before the patch below, so it keeps the real ensure_ray
 
 DEMO = str(REPO / "jobs" / "configs" / "demo.yaml")
 
@@ -12,8 +14,8 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path, capsys, monkeypatch):
         raise AssertionError("Ray was started")
 
     # All of these fail before Ray starts.
-    monkeypatch.setattr("sft_ray.ray_runtime.ensure_ray", no_ray)
-    monkeypatch.setattr("sft_ray.train.driver.ensure_ray", no_ray)
+    monkeypatch.setattr(ray_runtime, "ensure_ray", no_ray)
+    monkeypatch.setattr(driver, "ensure_ray", no_ray)
     missing = f"{tmp_path}/nope.jsonl"
     cases = [
         (["train.learning_rate=abc"], 2, "train.learning_rate: Input should be a valid number"),
