@@ -61,8 +61,8 @@ class Encoder:
         trust_remote_code: bool,
         max_length: int,
         chat_template: str | None,
-        eval_fraction: float = 0.0,
-        seed: int = 0,
+        eval_fraction: float,
+        seed: int,
     ):
         """`tokenizer`: the driver's own, unpickled here (about 1 s: no torch import, where
         `AutoTokenizer` costs about 7 CPU-s per actor). None for remote-code tokenizers, whose
