@@ -30,7 +30,6 @@ class ModelConfig(_Strict):
 
 
 class QuantizationConfig(_Strict):
-    bits: Literal[4] = 4
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -62,7 +61,11 @@ class DataConfig(_Strict):
     eval_fraction: float = Field(0.0, ge=0, lt=1)  # carve eval rows out of train (seeded) when eval is empty
     max_length: int = Field(512, gt=1)
     packing: bool = False
-    chat_template: str | None = None  # a Jinja file used instead of the tokenizer's own template
+    # `chatml` (built in: for a base model, its tokens are added and trained) or a Jinja file used
+    # instead of the tokenizer's own template.
+    chat_template: str | None = None
+    # Passed to every render of the template, and what inference must pass too (e.g. {enable_thinking: false}).
+    chat_template_kwargs: dict[str, Any] = {}
     on_bad_row: Literal["error", "skip"] = "error"
     max_dropped_fraction: float = Field(0.05, ge=0, le=1)  # refuse to train when more rows were dropped
     seed: int = 42  # eval carving and weighted sampling
@@ -223,7 +226,7 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     cfg.storage.path = local(cfg.storage.path)
     for src in cfg.data.train + cfg.data.eval:
         src.path = local(src.path)
-    if cfg.data.chat_template:
+    if cfg.data.chat_template and cfg.data.chat_template != "chatml":
         cfg.data.chat_template = local(cfg.data.chat_template)
     # A model path that exists locally is a folder; anything else must be shaped like a hub id.
     model = Path(os.path.expanduser(cfg.model.path))

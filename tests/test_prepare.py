@@ -178,7 +178,7 @@ def test_unusable_chat_template_is_refused_before_ray(tmp_path, tiny_model):
     cfg = make_config(
         tmp_path, tiny_model, {"path": str(chat), "format": "messages"}, data={"chat_template": str(shouting)}
     )
-    with pytest.raises(DataError, match="data: .*changes the assistant's content"):
+    with pytest.raises(DataError, match="data.chat_template: .*changes the assistant's content"):
         prepare(cfg)
     assert not (tmp_path / "storage" / "datasets").exists()
 

@@ -4,14 +4,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sft_ray.data.formats import BadRow, Example, Segment, instruction, render_record
-from sft_ray.data.tokenize import IGNORE, encode_batch, special_ids, token_ids
+from sft_ray.data.formats import BadRow, Example, instruction, render_record
+from sft_ray.data.tokenize import IGNORE, encode_batch, encode_texts, special_ids
 
 EOS = "<|im_end|>"
 
 
 def _encode(tokenizer, record, max_length=512):
-    [enc] = encode_batch(tokenizer, [render_record(record, "instruction")], special_ids(tokenizer), max_length)
+    [enc] = encode_batch(tokenizer, render_record(record, "instruction"), special_ids(tokenizer), max_length)
     return enc
 
 
@@ -23,10 +23,10 @@ def _split_decode(tokenizer, enc):
 
 def test_instruction_template_exact():
     assert instruction({"question": "Q?", "input": "", "output": "A"}, {}) == Example(
-        [Segment("### Question\nQ?\n\n### Output\n", False), Segment("A", True)]
+        "### Question\nQ?\n\n### Output\nA", [(28, 29)]
     )
-    assert instruction({"question": "Q?", "input": "ctx", "output": "A"}, {}).segments[0].text == (
-        "### Question\nQ?\n\n### Input\nctx\n\n### Output\n"
+    assert instruction({"question": "Q?", "input": "ctx", "output": "A"}, {}).text == (
+        "### Question\nQ?\n\n### Input\nctx\n\n### Output\nA"
     )
 
 
@@ -87,34 +87,33 @@ def test_bad_records(record, reason):
     assert err.value.reason == reason
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    question=st.text(min_size=0, max_size=60),
-    extra=st.text(max_size=40),
-    output=st.text(min_size=1, max_size=60).filter(str.strip),
-)
-def test_mask_is_exact_for_any_text(tokenizer, question, extra, output):
-    record = {"question": question, "input": extra, "output": output}
-    enc = _encode(tokenizer, record, max_length=100_000)
-    trained, rest = _split_decode(tokenizer, enc)
-    assert trained == output + EOS
-    prompt = f"### Question\n{question}\n\n" + (f"### Input\n{extra}\n\n" if extra else "") + "### Output\n"
-    assert rest == "<s>" + prompt
-    assert len(enc.input_ids) == len(enc.labels)
+def test_a_merge_across_the_prompt_end_keeps_the_inference_prompt(tokenizer):
+    """`Answer: ` + `yes` tokenizes jointly as `Answer:` `Ġyes`: a token straddles the prompt's end.
+    The model is given `tokenizer("Answer: ")` at inference, so that is the prompt trained from."""
+    [example] = render_record({"prompt": "Answer: ", "completion": "yes"}, "prompt_completion")
+    [joint] = encode_texts(tokenizer, [example.text], True)
+    assert any(a < 8 < b for a, b in joint[1]), "the test needs a straddling token"
+    [enc] = encode_batch(tokenizer, [example], special_ids(tokenizer), 512)
+    start = next(i for i, lab in enumerate(enc.labels) if lab != IGNORE)
+    assert enc.input_ids[:start] == tokenizer("Answer: ")["input_ids"]
+    assert tokenizer.decode(enc.input_ids[start:]) == "yes" + EOS
+    assert tokenizer.decode(enc.input_ids) == "<s>Answer: yes" + EOS
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     texts=st.lists(
         st.text(max_size=40) | st.sampled_from(["<s>", "<|im_end|>", "<pad>x<|im_start|>", ""]), min_size=1, max_size=6
-    )
+    ),
+    as_text=st.booleans(),
 )
-def test_token_ids_matches_the_tokenizer_call(tokenizer, texts):
-    """The fast path (backend `encode_batch_fast`) gives the ids `tokenizer(...)` gives, special tokens included."""
-    assert token_ids(tokenizer, texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
+def test_encode_texts_matches_the_tokenizer_call(tokenizer, texts, as_text):
+    """The fast path (the Rust backend, with offsets) gives the ids `tokenizer(...)` gives."""
+    expected = tokenizer(texts, add_special_tokens=False, split_special_tokens=as_text)["input_ids"]
+    assert [ids for ids, _ in encode_texts(tokenizer, texts, as_text)] == expected
 
 
-def test_token_ids_ignores_backend_state_and_honours_split_special_tokens(tiny_model):
+def test_encode_texts_ignores_backend_state(tiny_model):
     from sft_ray.model import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
@@ -122,17 +121,14 @@ def test_token_ids_ignores_backend_state_and_honours_split_special_tokens(tiny_m
     expected = tok(texts, add_special_tokens=False)["input_ids"]
     tok.backend_tokenizer.enable_truncation(max_length=3)  # left over by someone else's call
     tok.backend_tokenizer.enable_padding(length=64)
-    assert token_ids(tok, texts) == expected
-    tok.split_special_tokens = True
-    split = token_ids(tok, texts)
-    assert split == tok(texts, add_special_tokens=False)["input_ids"] and split != expected
+    assert [ids for ids, _ in encode_texts(tok, texts, False)] == expected
 
 
-def test_token_ids_keeps_the_call_for_a_tokenizer_that_overrides_it(tokenizer):
+def test_encode_texts_keeps_the_call_for_a_tokenizer_that_overrides_it(tokenizer):
     class Custom(type(tokenizer)):
         def __call__(self, texts, **kwargs):
             return {"input_ids": [[7] for _ in texts]}
 
     custom = Custom.__new__(Custom)
     custom.__dict__.update(tokenizer.__dict__)
-    assert token_ids(custom, ["anything"]) == [[7]]
+    assert encode_texts(custom, ["anything"], False) == [([7], None)]

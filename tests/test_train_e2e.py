@@ -167,7 +167,7 @@ def test_qlora_two_workers_awkward_row_count(tmp_path, tiny_model, ray_local, pa
         tiny_model,
         write_jsonl(tmp_path / "train.jsonl", ROWS[:13]),
         name="qlora",
-        quantization={"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"},
+        quantization={"quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"},
         lora={"target_modules": "all-linear"},
         data=data,
         train={
@@ -225,7 +225,7 @@ def test_qlora_bf16_on_every_gpu_through_ray(tmp_path, tiny_model, ray_local, pa
         write_jsonl(tmp_path / "train.jsonl", ROWS),
         name="gpu",
         model={"path": str(tiny_model), "dtype": "bfloat16"},
-        quantization={"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
+        quantization={"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
         data={"packing": packing, "max_length": 40},
         train={"max_steps": 4, "per_device_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1},
         scaling={"num_workers": gpus, "use_gpu": True},

@@ -52,7 +52,8 @@ def _examples(tokenizer):
         {"question": "Name three colours of the rainbow, please.", "output": "red, orange and yellow"},
         {"question": "2+2?", "input": "think", "output": "4"},
     ]
-    encoded = encode_batch(tokenizer, [render_record(r, "instruction") for r in records], special_ids(tokenizer), 512)
+    examples = [ex for r in records for ex in render_record(r, "instruction")]
+    encoded = encode_batch(tokenizer, examples, special_ids(tokenizer), 512)
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
 
 
@@ -70,9 +71,7 @@ def test_packed_batch_loss_equals_separate_examples(tiny_model, tokenizer, tmp_p
     model.train()
     # Plus a text example with no BOS (as from a tokenizer that adds none): its first label is trained,
     # and in a packed row it must not be predicted from the previous example's last token.
-    text = encode_batch(
-        tokenizer, [render_record({"text": "plain words to learn"}, "text")], special_ids(tokenizer), 64
-    )
+    text = encode_batch(tokenizer, render_record({"text": "plain words to learn"}, "text"), special_ids(tokenizer), 64)
     examples = _examples(tokenizer) + [{"input_ids": text[0].input_ids[1:], "labels": text[0].labels[1:]}]
     assert examples[-1]["labels"][0] != -100
     # Give the adapter non-zero weights so the comparison covers LoRA too.
@@ -142,7 +141,7 @@ def _lora_grads_after_eval(cfg, tokenizer, tmp_path, guard: bool) -> dict:
 def test_qlora_lora_gradients_survive_an_eval_pass_on_cpu(tiny_model, tokenizer, tmp_path):
     import bitsandbytes as bnb
 
-    q = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    q = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
     cfg = _cfg(tiny_model, tmp_path, quantization=q)
     trainer = _trainer(cfg, tokenizer, tmp_path)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
@@ -166,7 +165,7 @@ def test_bf16_lora_and_qlora_on_cuda(tiny_model, tokenizer, tmp_path):
     device = torch.device("cuda", 0)
     bf16 = load_model(_cfg(tiny_model, tmp_path, model={"path": str(tiny_model), "dtype": "bfloat16"}), device)
     assert bf16.dtype == torch.bfloat16 and next(bf16.parameters()).device == device
-    q = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
+    q = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
     cfg = _cfg(tiny_model, tmp_path, quantization=q)
     trainer = _trainer(cfg, tokenizer, tmp_path)
     assert trainer.args.bf16

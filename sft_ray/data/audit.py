@@ -101,11 +101,12 @@ def html_page(tokenizer, rows: list[dict], manifest: dict) -> str:
 
 
 def audit(cfg, n: int = 5, html_path: str | None = None, color: bool | None = None) -> str:
+    from sft_ray.chat_format import template_text
     from sft_ray.data.pipeline import prepare
     from sft_ray.model import load_tokenizer
 
     prepared, manifest = prepare(cfg)
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, template_text(cfg.data.chat_template))
     rows = _rows(prepared, n)
     if html_path:
         tmp = f"{html_path}.tmp"

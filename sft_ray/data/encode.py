@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from sft_ray.data.formats import BadRow, render_record, turn_affixes
+from sft_ray.data.chat import build_chat, control_pattern
+from sft_ray.data.formats import BadRow, render_record
 from sft_ray.data.sources import read_chunk
 from sft_ray.data.tokenize import IGNORE, Encoded, encode_batch, special_ids
 
@@ -18,11 +19,13 @@ SCHEMA = pa.schema(
         ("split", pa.string()),
         ("spec", pa.int32()),
         ("where", pa.string()),
+        ("part", pa.int32()),  # which example of its record (a chat turn in its own context); 0 for most
         ("input_ids", pa.list_(pa.int32())),
         ("labels", pa.list_(pa.int32())),
         ("n_tokens", pa.int64()),
         ("n_trained", pa.int64()),
         ("truncated", pa.bool_()),
+        ("control_text", pa.bool_()),  # the record spells a control token in its data (encoded as text)
         ("drop_reason", pa.string()),  # "" when the row is kept
         ("error", pa.string()),  # "where: reason" for dropped rows
     ]
@@ -38,20 +41,6 @@ def parse(raw: str, bad_utf8: bool) -> object:
         raise BadRow("malformed_json", f"malformed JSON: {err}") from None
 
 
-def chat_renderer(tokenizer, template: str | None):
-    """(messages, add_generation_prompt) -> text, through the given or the tokenizer's template."""
-    template = template or tokenizer.chat_template
-    if not template:
-        raise ValueError("format 'messages' needs a chat template: the tokenizer has none; set data.chat_template")
-
-    def render(msgs: list[dict], add_generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(
-            msgs, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
-        )
-
-    return render
-
-
 class Encoder:
     def __init__(
         self,
@@ -61,6 +50,7 @@ class Encoder:
         trust_remote_code: bool,
         max_length: int,
         chat_template: str | None,
+        chat_template_kwargs: dict,
         eval_fraction: float,
         seed: int,
     ):
@@ -70,22 +60,20 @@ class Encoder:
         from sft_ray.model import load_tokenizer
 
         self.specs = specs
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, trust_remote_code)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(model_path, trust_remote_code, chat_template)
+        self.tokenizer = tokenizer
         self.special = special_ids(self.tokenizer)
         self.max_length = max_length
         self.eval_fraction, self.seed = eval_fraction, seed
+        self.control = control_pattern(self.tokenizer)
         self.chat = None
         if any(s["format"] == "messages" for s in specs):
-            render = chat_renderer(self.tokenizer, chat_template)
-            self.chat = (render, turn_affixes(render))
+            self.chat = build_chat(self.tokenizer, chat_template, chat_template_kwargs)
 
-    def _example(self, raw: str, bad_utf8: bool, spec: dict):
-        try:
-            return render_record(parse(raw, bad_utf8), spec["format"], spec["fields"], self.chat, spec["train_on"])
-        except BadRow:
-            raise
-        except Exception as err:  # a template that raises on this conversation (e.g. role order)
-            raise BadRow("template_error", f"chat template failed: {err}") from None
+    def _examples(self, raw: str, bad_utf8: bool, spec: dict):
+        record = parse(raw, bad_utf8)
+        return render_record(record, spec["format"], spec["fields"], self.chat, spec["train_on"], self.control)
 
     def __call__(self, chunks: pa.Table) -> Iterator[pa.Table]:
         """Read each chunk here and encode it in batches: no raw-row blocks go through the object store."""
@@ -95,34 +83,46 @@ class Encoder:
                 yield self.encode(batch)
 
     def encode(self, rows: list[dict]) -> pa.Table:
-        wheres = [r["where"] for r in rows]
-        examples, errors = [], {}
-        for i, (raw, bad_utf8, spec) in enumerate((r["raw"], r["bad_utf8"], r["spec"]) for r in rows):
+        examples, owner, errors = [], [], {}
+        for i, r in enumerate(rows):
             try:
-                examples.append(self._example(raw, bad_utf8, self.specs[spec]))
+                found = self._examples(r["raw"], r["bad_utf8"], self.specs[r["spec"]])
             except BadRow as err:
                 errors[i] = err
-        encoded = iter(encode_batch(self.tokenizer, examples, self.special, self.max_length))
-        cols: dict[str, list] = {name: [] for name in SCHEMA.names[3:]}
-        for i, where in enumerate(wheres):
-            enc = errors[i] if i in errors else next(encoded)
-            if isinstance(enc, Encoded):
-                cols["input_ids"].append(enc.input_ids)
-                cols["labels"].append(enc.labels)
-                cols["n_tokens"].append(len(enc.input_ids))
-                cols["n_trained"].append(len(enc.labels) - enc.labels.count(IGNORE))
-                cols["truncated"].append(enc.truncated)
-                cols["drop_reason"].append("")
-                cols["error"].append("")
                 continue
-            reason = enc.reason if isinstance(enc, BadRow) else enc
-            detail = str(enc) if isinstance(enc, BadRow) else reason.replace("_", " ")
-            cols["input_ids"].append([])
-            cols["labels"].append([])
-            cols["n_tokens"].append(0)
-            cols["n_trained"].append(0)
-            cols["truncated"].append(False)
-            cols["drop_reason"].append(reason)
-            cols["error"].append(f"{where}: {detail}")
-        head = {"split": [r["split"] for r in rows], "spec": [r["spec"] for r in rows], "where": wheres}
-        return pa.table({**head, **cols}, schema=SCHEMA)
+            examples += found
+            owner += [i] * len(found)
+        encoded = encode_batch(self.tokenizer, examples, self.special, self.max_length)
+        by_row: dict[int, list] = {}
+        for i, ex, enc in zip(owner, examples, encoded):
+            by_row.setdefault(i, []).extend((ex, e) for e in (enc if isinstance(enc, list) else [enc]))
+        cols: dict[str, list] = {name: [] for name in SCHEMA.names}
+        for i, r in enumerate(rows):
+            results = [(None, errors[i])] if i in errors else by_row[i]
+            # A record is kept whole or dropped whole: a conversation never loses some of its turns.
+            bad = next((enc for _, enc in results if not isinstance(enc, Encoded)), None)
+            for part, (ex, enc) in enumerate(results if bad is None else [(results[0][0], bad)]):
+                cols["split"].append(r["split"])
+                cols["spec"].append(r["spec"])
+                cols["where"].append(r["where"])
+                cols["part"].append(part)
+                cols["control_text"].append(bool(ex and ex.control_text))
+                if isinstance(enc, Encoded):
+                    cols["input_ids"].append(enc.input_ids)
+                    cols["labels"].append(enc.labels)
+                    cols["n_tokens"].append(len(enc.input_ids))
+                    cols["n_trained"].append(len(enc.labels) - enc.labels.count(IGNORE))
+                    cols["truncated"].append(enc.truncated)
+                    cols["drop_reason"].append("")
+                    cols["error"].append("")
+                    continue
+                reason = enc.reason if isinstance(enc, BadRow) else enc
+                detail = str(enc) if isinstance(enc, BadRow) else reason.replace("_", " ")
+                cols["input_ids"].append([])
+                cols["labels"].append([])
+                cols["n_tokens"].append(0)
+                cols["n_trained"].append(0)
+                cols["truncated"].append(False)
+                cols["drop_reason"].append(reason)
+                cols["error"].append(f"{r['where']}: {detail}")
+        return pa.table(cols, schema=SCHEMA)

@@ -1,25 +1,26 @@
-"""Pure row formatting: a raw record becomes text segments, each marked trained or not.
+"""Pure row formatting: a raw record becomes the text a model reads, with the spans it is trained on.
 
-Segments are tokenized one by one, so the label mask follows segment boundaries exactly;
-nothing searches the rendered text for markers (a question may itself contain `### Output`).
+The text is rendered whole (the format's prompt and response together, or the chat template over
+the conversation) and tokenized whole afterwards (tokenize.py), so the ids are the ones inference
+produces; the trained spans are character ranges, never found by searching the text for markers
+(a question may itself contain `### Output`).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from typing import NamedTuple
 
 
-class Segment(NamedTuple):
-    text: str
-    trained: bool
-
-
 class Example(NamedTuple):
-    segments: list[Segment]
-    # Chat templates write BOS and end-of-turn tokens themselves; other formats get the
+    text: str
+    spans: list[tuple[int, int]]  # [start, end) character ranges of `text` that are trained
+    # Chat templates write BOS and end-of-turn tokens themselves; the other formats get the
     # tokenizer's BOS in front and EOS (trained) after the response.
     templated: bool = False
+    control_text: bool = False  # the record spells a control token (e.g. `</s>`) in its content
 
 
 class BadRow(ValueError):
@@ -37,7 +38,9 @@ ALPACA_PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
 )
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# The message keys chat templates read (TRL and transformers conventions); others are dropped.
+MESSAGE_KEYS = ("role", "content", "reasoning_content", "tool_calls", "tool_call_id", "name")
 
 
 def _field(record: dict, fields: dict, name: str, *, required: bool = True) -> str:
@@ -59,6 +62,10 @@ def _response(record: dict, fields: dict, name: str) -> str:
     return value
 
 
+def _plain(prompt: str, response: str) -> Example:
+    return Example(prompt + response, [(len(prompt), len(prompt) + len(response))])
+
+
 def instruction(record: dict, fields: dict) -> Example:
     """`{question, input, output}` in the `### Question / ### Input / ### Output` layout."""
     question = _field(record, fields, "question")
@@ -67,8 +74,7 @@ def instruction(record: dict, fields: dict) -> Example:
     prompt = f"### Question\n{question}\n\n"
     if extra:
         prompt += f"### Input\n{extra}\n\n"
-    prompt += "### Output\n"
-    return Example([Segment(prompt, False), Segment(output, True)])
+    return _plain(prompt + "### Output\n", output)
 
 
 def alpaca(record: dict, fields: dict) -> Example:
@@ -80,112 +86,238 @@ def alpaca(record: dict, fields: dict) -> Example:
         prompt = f"{ALPACA_PROMPT_INPUT}### Instruction:\n{instr}\n\n### Input:\n{extra}\n\n### Response:\n"
     else:
         prompt = f"{ALPACA_PROMPT}### Instruction:\n{instr}\n\n### Response:\n"
-    return Example([Segment(prompt, False), Segment(output, True)])
+    return _plain(prompt, output)
 
 
 def prompt_completion(record: dict, fields: dict) -> Example:
-    prompt = _field(record, fields, "prompt")
-    completion = _response(record, fields, "completion")
-    return Example([Segment(prompt, False), Segment(completion, True)])
+    return _plain(_field(record, fields, "prompt"), _response(record, fields, "completion"))
 
 
 def text(record: dict, fields: dict) -> Example:
     body = _field(record, fields, "text")
     if not body.strip():
         raise BadRow("empty_response", f"field '{fields.get('text', 'text')}' is empty")
-    return Example([Segment(body, True)])
+    return _plain("", body)
 
 
-def _messages(record: dict, fields: dict) -> list[dict]:
+# Where the next prompt starts in each plain format: a generation that runs into it did not stop.
+NEXT_TURN = {"instruction": "### Question", "alpaca": "### Instruction:", "prompt_completion": None, "text": None}
+
+
+def _message(i: int, m: object) -> dict:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise BadRow("wrong_type", f"message {i} must be an object with a string 'role'")
+    if m["role"] not in ROLES:
+        raise BadRow("unknown_role", f"message {i} has unknown role '{m['role']}' (expected one of {ROLES})")
+    content = m.get("content")
+    if content is not None and not isinstance(content, str):
+        raise BadRow("wrong_type", f"message {i}: 'content' must be a string, got {type(content).__name__}")
+    calls = m.get("tool_calls")
+    if calls is not None and not (m["role"] == "assistant" and isinstance(calls, list)):
+        raise BadRow("wrong_type", f"message {i}: 'tool_calls' must be a list on an assistant message")
+    reasoning = m.get("reasoning_content")
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise BadRow("wrong_type", f"message {i}: 'reasoning_content' must be a string")
+    if m["role"] == "assistant" and not ((content or "").strip() or calls or (reasoning or "").strip()):
+        raise BadRow("empty_response", f"assistant message {i} has no content, reasoning or tool calls")
+    if content is None and m["role"] != "assistant":
+        raise BadRow("missing_field", f"message {i} ({m['role']}) has no 'content'")
+    return {k: m[k] for k in MESSAGE_KEYS if m.get(k) is not None}
+
+
+def _messages(record: dict, fields: dict) -> tuple[list[dict], list | None]:
     key = fields.get("messages", "messages")
     msgs = record.get(key)
     if msgs is None:
         raise BadRow("missing_field", f"missing field '{key}'")
     if not isinstance(msgs, list) or not msgs:
         raise BadRow("wrong_type", f"field '{key}' must be a non-empty list of messages")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise BadRow("wrong_type", f"message {i} must be an object with string 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise BadRow("unknown_role", f"message {i} has unknown role '{m['role']}' (expected one of {ROLES})")
+    msgs = [_message(i, m) for i, m in enumerate(msgs)]
     if not any(m["role"] == "assistant" for m in msgs):
         raise BadRow("no_assistant_turn", "conversation has no assistant turn")
-    for i, m in enumerate(msgs):
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise BadRow("empty_response", f"assistant message {i} is empty")
     if msgs[0]["role"] == "assistant":
         raise BadRow("assistant_first", "conversation starts with an assistant turn: there is no prompt for it")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    tools_key = fields.get("tools", "tools")
+    tools = record.get(tools_key)
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise BadRow("wrong_type", f"field '{tools_key}' must be a list of tool (JSON schema) objects")
+    return msgs, tools or None
 
 
 class ChatTemplateError(ValueError):
-    """The chat template cannot be split into prompt and response spans; no row can be used."""
+    """The chat template cannot be used to mask assistant turns; no row can be used."""
 
 
-Render = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
+# What transformers' `apply_chat_template(..., sanitize_control_tokens=True)` wraps around a control
+# token spelled in user data, so that it is encoded as text (transformers.utils.chat_template_utils).
+MARK_START, MARK_END = "\U000f0000", "\U000f0001"
 
 
-def turn_affixes(render: Render) -> tuple[str, str, str]:
-    """What the template writes around an assistant's content: (before, end-of-turn, after).
+def mark_control_text(obj, control: re.Pattern):
+    """Wrap control-token spellings in every string of `obj` with the markers (stray markers dropped)."""
+    if isinstance(obj, str):
+        obj = obj.replace(MARK_START, "").replace(MARK_END, "")
+        return control.sub(f"{MARK_START}\\g<0>{MARK_END}", obj)
+    if isinstance(obj, dict):
+        return {k: mark_control_text(v, control) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [mark_control_text(v, control) for v in obj]
+    return obj
 
-    Found by rendering two probe replies and comparing: the parts that do not depend on the
-    content are the template's own. The end-of-turn part (trained) is what the template writes
-    after the content up to trailing whitespace, which is formatting (untrained).
+
+class Chat(NamedTuple):
+    """A tokenizer's chat template, as the formatting needs it."""
+
+    render: Callable[..., str]  # (messages, tools, add_generation_prompt) -> text, template kwargs applied
+    control: re.Pattern  # control tokens that data must not spell (special tokens)
+    specials: tuple[str, ...]  # the tokenizer's special tokens: a turn ends with one
+    # TRL's training variant of the same template, for a turn the template itself cannot write
+    # after its own generation prompt (DeepSeek-R1 prefills `<think>\n` and strips reasoning).
+    render_training: Callable[..., str] | None = None
+
+
+def _common(a: str, b: str) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _overlap(tail: str, text: str) -> int:
+    """The length of the longest end of `tail` that `text` starts with."""
+    return next((k for k in range(min(len(tail), len(text)), 0, -1) if tail.endswith(text[:k])), 0)
+
+
+def _turn(chat: Chat, msgs: list[dict], tools, i: int) -> tuple[str, str, str]:
+    """(prompt, trained text, trailing text) of assistant message i, rendered in its own context.
+
+    The prompt is the generation prompt for msgs[:i], exactly what the model is given at inference;
+    the trained text is what the template writes after it for message i up to its end-of-turn
+    token; trailing whitespace after that token (a newline before the next turn) is formatting.
+    Some templates write a finished turn after a different prompt than their generation prompt;
+    the turn is then taken from where that generation prompt ends in the finished rendering:
+    - DeepSeek-R1 prefills `<think>\n` and strips reasoning: TRL's training variant of the template
+      writes the turn after its own generation prompt;
+    - Mistral v0.3 puts the system prompt into the last user message only when it is last: the
+      finished rendering lacks it, and the generation prompt's end (`[/INST]`) is found in it.
     """
-    spans = []
-    probes = ("alpha 1", "Zeta-9?")  # first and last characters differ, so no affix absorbs them
-    for probe in probes:
-        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}]
-        head = render(msgs[:1], True)
-        full = render(msgs, False)
-        if not full.startswith(head):
-            raise ChatTemplateError(
-                "the chat template is not prefix-preserving: the prompt rendered with "
-                "add_generation_prompt=True is not a prefix of the rendered conversation"
-            )
-        spans.append(full[len(head) :])
-    a, b = spans
-    n_pre = 0
-    while n_pre < min(len(a), len(b)) and a[n_pre] == b[n_pre]:
-        n_pre += 1
-    n_suf = 0
-    while n_suf < min(len(a), len(b)) - n_pre and a[-1 - n_suf] == b[-1 - n_suf]:
-        n_suf += 1
-    before, after = a[:n_pre], a[len(a) - n_suf :]
-    if a[n_pre : len(a) - n_suf] != probes[0]:
-        raise ChatTemplateError("the chat template changes the assistant's content; cannot locate it")
-    return before, after.rstrip(), after[len(after.rstrip()) :]
+    head = chat.render(msgs[:i], tools, True)
+    full = chat.render(msgs[: i + 1], tools, False)
+    if not full.startswith(head) and chat.render_training is not None:
+        t_head = chat.render_training(msgs[:i], tools, True)
+        t_full = chat.render_training(msgs[: i + 1], tools, False)
+        full = head + t_full[len(t_head) :] if t_full.startswith(t_head) else full
+    if not full.startswith(head):
+        n = _common(head, full)
+        k = _overlap(head[n:], full[n:])
+        if any(s in head[len(head) - k :] for s in chat.specials):
+            full = head + full[n + k :]
+    if not full.startswith(head):
+        n = _common(head, full)
+        raise BadRow(
+            "template_mismatch",
+            f"the chat template renders assistant message {i} after a different prompt than its generation "
+            f"prompt: they differ from character {n} ({head[n : n + 30]!r} vs {full[n : n + 30]!r})",
+        )
+    turn = full[len(head) :]
+    trained = turn.rstrip()
+    return head, trained, turn[len(trained) :]
 
 
-def messages(record: dict, fields: dict, render: Render, affixes: tuple[str, str, str], train_on: str) -> Example:
-    """Multi-turn chat through the tokenizer's chat template, assistant turns trained.
-
-    The text is cut where the template's own renderings of growing prefixes of the conversation
-    end, so each assistant turn's span comes from the template, never from searching the text.
-    """
-    msgs = _messages(record, fields)
-    before, eot, after = affixes
-    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    segments: list[Segment] = []
-    done = ""  # text covered by segments so far
-    for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        head = render(msgs[:i], True)
-        full = render(msgs[: i + 1], False)
-        turn = before + m["content"] + eot + after
-        if not head.startswith(done) or full != head + turn:
+def _check_rendered(msg: dict, i: int, trained: str) -> None:
+    """Reasoning or tool calls the template does not write would silently not be trained."""
+    reasoning = (msg.get("reasoning_content") or "").strip()
+    if reasoning and reasoning not in trained:
+        raise BadRow(
+            "reasoning_not_rendered",
+            f"assistant message {i} has reasoning_content, but the chat template does not write it "
+            "(use a reasoning template, or put the reasoning in the content)",
+        )
+    for call in msg.get("tool_calls") or []:
+        name = (call.get("function") or {}).get("name") if isinstance(call, dict) else None
+        if not name or name not in trained:
             raise BadRow(
-                "template_mismatch",
-                f"the chat template does not render assistant message {i} as prompt + content + end-of-turn",
+                "tool_call_not_rendered",
+                f"assistant message {i}: a tool call ({json.dumps(call)[:60]}) is not written by the chat "
+                "template (each call needs {'function': {'name', 'arguments'}})",
             )
-        trained = train_on == "all_assistant" or i == last
-        segments += [Segment(head[len(done) :] + before, False), Segment(m["content"] + eot, trained)]
-        done = full[: len(full) - len(after)] if after else full
-    rest = render(msgs, False)[len(done) :]
-    if rest:
-        segments.append(Segment(rest, False))
-    return Example([s for s in segments if s.text], templated=True)
+
+
+def _continues(head: str, prev_head: str, prev_trained: str, specials: tuple[str, ...]) -> int | None:
+    """How much of the previous trained turn a later prompt `head` keeps, or None if it changes it.
+
+    The later prompt must repeat the earlier one and the earlier turn up to an end-of-turn token:
+    Phi-3 closes only the last turn of a conversation with an extra `<|endoftext|>`, which a later
+    prompt does not repeat, while Qwen3 drops past reasoning, which changes the turn itself.
+    """
+    if not head.startswith(prev_head):
+        return None
+    rest = head[len(prev_head) :]
+    if rest.startswith(prev_trained):
+        return len(prev_trained)
+    kept = prev_trained[: _common(prev_trained, rest)].rstrip()
+    return len(kept) if any(kept.endswith(s) for s in specials) else None
+
+
+def messages(record: dict, fields: dict, chat: Chat, train_on: str) -> list[Example]:
+    """Chat through the tokenizer's template, assistant turns trained, each in its own context.
+
+    Each trained turn's prompt is the template's generation prompt for the messages before it.
+    Turns whose prompt extends the text so far share one example; a template that rewrites
+    earlier turns (Qwen3 strips past reasoning) starts a new example for the turn, so every turn
+    is trained exactly as it is generated. Messages after the last trained turn are left out.
+    """
+    msgs, tools = _messages(record, fields)
+    marked_msgs = mark_control_text(msgs, chat.control)
+    marked_tools = mark_control_text(tools, chat.control)
+    control_text = marked_msgs != msgs or marked_tools != tools
+    assistant = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    trained_turns = assistant if train_on == "all_assistant" else assistant[-1:]
+    examples: list[Example] = []
+    spans: list[tuple[int, int]] = []
+    prev = ("", "", "")  # the last turn's (prompt, trained text, trailing text)
+    for i in trained_turns:
+        try:
+            head, trained, after = _turn(chat, marked_msgs, marked_tools, i)
+        except BadRow:
+            raise
+        except Exception as err:  # the template itself refused the conversation (e.g. role order)
+            raise BadRow("template_error", f"chat template failed: {err}") from None
+        if not trained:
+            raise BadRow("empty_response", f"assistant message {i} renders as nothing")
+        _check_rendered(marked_msgs[i], i, trained)
+        if spans:
+            kept = _continues(head, prev[0], prev[1], chat.specials)
+            if kept is None:
+                examples.append(Example("".join(prev), spans, True, control_text))
+                spans = []
+            else:
+                spans[-1] = (spans[-1][0], spans[-1][0] + kept)
+        spans.append((len(head), len(head) + len(trained)))
+        prev = (head, trained, after)
+    examples.append(Example("".join(prev), spans, True, control_text))
+    return examples
+
+
+def check_template(chat: Chat) -> None:
+    """Refuse a template that cannot be masked, before any row is read.
+
+    A probe reply must render after its generation prompt (a prompt that prefills the reply, like
+    DeepSeek-R1's `<think>\n`, gets a probe that starts with it), unchanged, and end with a special
+    token: otherwise the model would never learn to end its turn.
+    """
+    probe = "alpha 1"
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}]
+    head, full = chat.render(msgs[:1], None, True), chat.render(msgs, None, False)
+    msgs[1]["content"] = head[_common(head, full) :] + probe
+    try:
+        _, trained, _ = _turn(chat, msgs, None, 1)
+    except BadRow as err:
+        raise ChatTemplateError(f"the chat template is not prefix-preserving: {err}") from None
+    if probe not in trained:
+        raise ChatTemplateError(f"the chat template changes the assistant's content: {trained!r}")
+    if not any(trained.endswith(s) for s in chat.specials):
+        raise ChatTemplateError(
+            f"the chat template ends an assistant turn with {trained[-20:]!r}, not with a special token: "
+            "the model would never learn to stop"
+        )
 
 
 PLAIN_FORMATS = {
@@ -200,24 +332,22 @@ def render_record(
     record: object,
     fmt: str,
     fields: dict | None = None,
-    chat: tuple[Render, tuple[str, str, str]] | None = None,
+    chat: Chat | None = None,
     train_on: str = "all_assistant",
-) -> Example:
+    control: re.Pattern | None = None,
+) -> list[Example]:
+    """The examples of one record: one, or for chat one per context the template gives its turns.
+
+    `control` (plain formats) matches control-token spellings, to count rows that contain them.
+    """
     if not isinstance(record, dict):
         raise BadRow("not_an_object", f"expected a JSON object, got {type(record).__name__}")
     fields = fields or {}
     if fmt == "messages":
         if chat is None:
             raise ValueError("format 'messages' needs a chat template")
-        return messages(record, fields, chat[0], chat[1], train_on)
-    return PLAIN_FORMATS[fmt](record, fields)
-
-
-def prompt_text(example: Example) -> str:
-    """The untrained prefix up to the first trained segment: what a model generates from."""
-    out = []
-    for seg in example.segments:
-        if seg.trained:
-            break
-        out.append(seg.text)
-    return "".join(out)
+        return messages(record, fields, chat, train_on)
+    ex = PLAIN_FORMATS[fmt](record, fields)
+    if control is not None and control.search(ex.text):
+        ex = ex._replace(control_text=True)
+    return [ex]

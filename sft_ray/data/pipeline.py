@@ -26,7 +26,7 @@ from sft_ray.config import Config
 from sft_ray.data.sources import plan_chunks, unit_hash
 
 # Bump when the output of preparation changes for the same inputs (invalidates the cache).
-PREP_VERSION = 2
+PREP_VERSION = 3  # 3: whole-text tokenization (inference-exact masks), chat turns per context
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -76,7 +76,7 @@ def check_sources(cfg: Config) -> list[dict]:
         for i, src in enumerate(getattr(cfg.data, split)):
             if not storage.exists(src.path):
                 raise DataError(f"data.{split}[{i}].path: no such file or folder: {src.path}")
-    if cfg.data.chat_template and not storage.exists(cfg.data.chat_template):
+    if cfg.data.chat_template not in (None, "chatml") and not storage.exists(cfg.data.chat_template):
         raise DataError(f"data.chat_template: no such file: {cfg.data.chat_template}")
     return out
 
@@ -93,7 +93,8 @@ def cache_key(cfg: Config) -> str:
     parts = {
         "version": PREP_VERSION,
         "tokenizer": tokenizer,
-        "chat_template": _fingerprint(d.chat_template) if d.chat_template else None,
+        "chat_template": _template_key(d.chat_template),
+        "chat_template_kwargs": d.chat_template_kwargs,
         "sources": [{**s, "path": _fingerprint(s["path"])} for s in sources],
         "max_length": d.max_length,
         "packing": d.packing,
@@ -103,18 +104,22 @@ def cache_key(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _template_key(value: str | None) -> str | None:
+    return value if value in (None, "chatml") else _fingerprint(value)
+
+
 def _check_chat_template(cfg: Config, tokenizer) -> None:
     """Fail before any Ray work when a `messages` dataset cannot be masked with this template."""
     if not any(s.format == "messages" for s in cfg.data.train + cfg.data.eval):
         return
-    from sft_ray.data.encode import chat_renderer
-    from sft_ray.data.formats import ChatTemplateError, turn_affixes
+    from sft_ray.chat_format import template_text
+    from sft_ray.data.chat import build_chat
 
-    template = Path(cfg.data.chat_template).read_text() if cfg.data.chat_template else None
     try:
-        turn_affixes(chat_renderer(tokenizer, template))
-    except (ChatTemplateError, ValueError) as err:
-        raise DataError(f"data: {err}") from None
+        build_chat(tokenizer, template_text(cfg.data.chat_template), cfg.data.chat_template_kwargs)
+    except ValueError as err:  # ChatTemplateError included
+        key = "data.chat_template" if cfg.data.chat_template else f"the chat template of {cfg.model.path}"
+        raise DataError(f"{key}: {err}") from None
 
 
 def _num_actors(n_chunks: int) -> int:
@@ -126,12 +131,12 @@ def _num_actors(n_chunks: int) -> int:
 def _encoded_rows(cfg: Config, tokenizer):
     import ray
 
+    from sft_ray.chat_format import template_text
     from sft_ray.data.encode import Encoder
 
     source_specs = specs(cfg)
     remote = cfg.model.trust_remote_code
     chunks = [c for i, s in enumerate(source_specs) for c in plan_chunks(s["path"], i, s["split"])]
-    template = Path(cfg.data.chat_template).read_text() if cfg.data.chat_template else None
     # Each actor reads its chunks itself (one per call) and encodes them, so raw rows never go
     # through the object store. Half a CPU each: the pool fits where other work holds CPUs too.
     return (
@@ -144,7 +149,8 @@ def _encoded_rows(cfg: Config, tokenizer):
                 "model_path": cfg.model.path,
                 "trust_remote_code": remote,
                 "max_length": cfg.data.max_length,
-                "chat_template": template,
+                "chat_template": template_text(cfg.data.chat_template),
+                "chat_template_kwargs": cfg.data.chat_template_kwargs,
                 "eval_fraction": cfg.data.eval_fraction,
                 "seed": cfg.data.seed,
             },
@@ -245,17 +251,25 @@ def _histogram(lengths: list[int], max_length: int, bins: int = 8) -> list[dict]
 
 
 def _split_stats(t: pa.Table, cfg: Config) -> dict:
+    records = t.filter(pc.equal(t["part"], 0))
     kept = t.filter(pc.equal(t["drop_reason"], ""))
     reasons: dict[str, int] = {}
-    for r in t.filter(pc.not_equal(t["drop_reason"], ""))["drop_reason"].to_pylist():
+    for r in records.filter(pc.not_equal(records["drop_reason"], ""))["drop_reason"].to_pylist():
         reasons[r] = reasons.get(r, 0) + 1
     lengths = kept["n_tokens"].to_pylist()
     tokens, trained = sum(lengths), int(pc.sum(kept["n_trained"]).as_py() or 0)
+    extra = kept.filter(pc.greater(kept["part"], 0))
     return {
-        "rows_read": t.num_rows,
-        "rows_kept": kept.num_rows,
+        "rows_read": records.num_rows,
+        "rows_kept": records.num_rows - sum(reasons.values()),
         "rows_dropped": dict(sorted(reasons.items())),
         "rows_truncated": int(pc.sum(kept["truncated"]).as_py() or 0),
+        # Chat turns that a template renders differently once later turns follow (Qwen3 strips past
+        # reasoning) are trained in their own context: one more example each, its prompt repeated.
+        "examples": kept.num_rows,
+        "extra_turn_examples": extra.num_rows,
+        "extra_turn_tokens": int(pc.sum(extra["n_tokens"]).as_py() or 0),
+        "rows_with_control_token_text": int(pc.sum(records["control_text"]).as_py() or 0),
         "tokens": tokens,
         "trained_tokens": trained,
         "trained_fraction": trained / tokens if tokens else 0.0,
@@ -267,7 +281,7 @@ def _manifest(cfg: Config, stats: pa.Table) -> dict:
     splits = {s: _split_stats(stats.filter(pc.equal(stats["split"], s)), cfg) for s in SPLITS}
     sources = []
     for i, spec in enumerate(specs(cfg)):
-        t = stats.filter(pc.equal(stats["spec"], i))
+        t = stats.filter(pc.and_(pc.equal(stats["spec"], i), pc.equal(stats["part"], 0)))
         sources.append(
             {**spec, "rows_read": t.num_rows, "rows_kept": t.filter(pc.equal(t["drop_reason"], "")).num_rows}
         )
@@ -290,7 +304,9 @@ def _run(cfg: Config, out_dir: str, tokenizer) -> dict:
     ctx.execution_options.preserve_order = True  # same inputs, same row order: needed for exact resume
     ctx.enable_progress_bars = False
     rows = _encoded_rows(cfg, tokenizer)
-    stats = rows.select_columns(["split", "spec", "n_tokens", "n_trained", "truncated", "drop_reason", "error"])
+    stats = rows.select_columns(
+        ["split", "spec", "part", "n_tokens", "n_trained", "truncated", "control_text", "drop_reason", "error"]
+    )
     manifest = _manifest(cfg, pa.concat_tables(ray.get(stats.to_arrow_refs())))
     for split in SPLITS:
         # A split with no kept row writes nothing; skipping it saves a pass over every row.
@@ -373,12 +389,13 @@ def prepare(cfg: Config, output: str | None = None) -> tuple[str, dict]:
     else:
         out = output if not storage.is_local(output) else os.path.abspath(output)
         check_sources(cfg)  # a missing file fails here, before anything is loaded or started
+    from sft_ray.chat_format import template_text
     from sft_ray.model import load_tokenizer
     from sft_ray.ray_runtime import ensure_ray
 
     # Loaded once here: the template check uses it, and the encoder actors get a pickled copy.
     try:
-        tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, template_text(cfg.data.chat_template))
     except (OSError, ValueError) as err:
         taken = "" if os.path.isdir(cfg.model.path) else " (no such folder, so it was taken as a hub id)"
         raise DataError(f"model.path: cannot load a tokenizer from {cfg.model.path}{taken}: {err}") from None

@@ -1,9 +1,20 @@
-"""Pure tokenization with token-exact labels.
+"""Pure tokenization with token-exact labels that match inference.
 
-Each segment is tokenized on its own (one batched call for speed), so every token belongs to
-exactly one segment and its label is decided by that segment: -100 for prompt tokens, the token
-id for response tokens and the EOS that follows the response. Chat-templated examples carry their
-own BOS and end-of-turn tokens in the text, so nothing is added to them.
+An example's text is tokenized whole, as inference tokenizes a prompt, and the labels follow the
+character spans the format marked as trained. Tokenizing pieces on their own would not give the
+model's ids: SentencePiece/Metaspace tokenizers put a `▁` in front of every piece, and byte-level
+BPE merges across piece ends. The rules, for every tokenizer family:
+
+- The ids before each trained span are exactly the ids of the prompt tokenized alone (with the
+  tokenizer's BOS for the plain formats; as `apply_chat_template(..., add_generation_prompt=True,
+  tokenize=True)` gives them for chat). Where the whole text's tokenization has a token boundary at
+  the span start, that is the same thing (a BPE merge never crosses a token boundary it did not
+  make). Where a merge crosses it (a prompt ending in `Answer: 1` before a completion `23`), the
+  inference prompt wins: the prompt is tokenized alone and the rest as its continuation.
+- Control tokens spelled inside data (`</s>` in a user's question) are tokenized as text, as
+  `apply_chat_template(..., sanitize_control_tokens=True)` does: the formats mark them
+  (formats.mark_control_text), and marked pieces are encoded without special tokens. The plain
+  formats have no control tokens of their own, so their whole text is encoded that way.
 
 Truncation rule: an example longer than `max_length` keeps its first `max_length` tokens (the
 start of the prompt is kept, the end of the response is cut, EOS included). An example left with
@@ -12,9 +23,11 @@ no trained token is dropped with reason `no_trained_tokens_after_truncation`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 
-from sft_ray.data.formats import Example
+from sft_ray.data.formats import MARK_END, MARK_START, BadRow, Example
 
 IGNORE = -100
 
@@ -42,56 +55,208 @@ class Encoded:
     truncated: bool
 
 
-def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    """`tokenizer(texts, add_special_tokens=False)["input_ids"]`, without the offsets it also computes.
-
-    For a tokenizer that is the plain Rust backend, that call is `encode_batch` plus offsets, masks
-    and their conversion to Python; `encode_batch_fast` gives the same ids with ~27% less CPU
-    (benchmarks/prepare_bench.py data; tokenization is ~80% of the encoder's time). A tokenizer
-    class that changes how text is encoded (or has no Rust backend) keeps the call.
-    """
+def _backend(tokenizer):
+    """The Rust tokenizer behind `tokenizer`, or None where the class changes how text is encoded."""
     from transformers import PreTrainedTokenizerBase, TokenizersBackend
 
     cls = type(tokenizer)
-    if not (
+    if (
         isinstance(tokenizer, TokenizersBackend)
         and cls.__call__ is PreTrainedTokenizerBase.__call__
         and cls._encode_plus is TokenizersBackend._encode_plus
         and not hasattr(tokenizer, "_switch_to_input_mode")
     ):
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
-    backend = tokenizer.backend_tokenizer
-    # What that call sets on the backend before encoding: no truncation, no padding, and
-    # whether special tokens written in the text are split.
-    if backend.truncation is not None:
-        backend.no_truncation()
-    if backend.padding is not None:
-        backend.no_padding()
-    backend.encode_special_tokens = bool(tokenizer.split_special_tokens)
-    return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        backend = tokenizer.backend_tokenizer
+        # What a tokenizer call sets before encoding: no truncation, no padding.
+        if backend.truncation is not None:
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
+        return backend
+    return None
 
 
-def encode_batch(tokenizer, examples: list[Example], special: Special, max_length: int) -> list[Encoded | str]:
-    """Encode examples; an entry is an `Encoded` or the reason string it was dropped."""
-    texts = [seg.text for ex in examples for seg in ex.segments]
-    pieces = token_ids(tokenizer, texts) if texts else []
-    out: list[Encoded | str] = []
-    k = 0
-    for ex in examples:
-        ids = [] if ex.templated else list(special.prefix)
-        labels = [IGNORE] * len(ids)
-        for seg in ex.segments:
-            toks = pieces[k]
-            k += 1
-            ids += toks
-            labels += toks if seg.trained else [IGNORE] * len(toks)
-        if not ex.templated:
-            ids.append(special.eos)
-            labels.append(special.eos)
-        truncated = len(ids) > max_length
-        ids, labels = ids[:max_length], labels[:max_length]
-        if labels.count(IGNORE) == len(labels):
-            out.append("no_trained_tokens_after_truncation")
+Tokens = tuple[list[int], list[tuple[int, int]] | None]  # ids, character offsets (None: not known)
+
+
+def encode_texts(tokenizer, texts: list[str], as_text: bool) -> list[Tokens]:
+    """Ids (and offsets, from a Rust tokenizer) of whole texts, no BOS; `as_text`: special tokens
+    spelled in the text are text. One batched call: tokenization is most of the encoder's time."""
+    if not texts:
+        return []
+    backend = _backend(tokenizer)
+    if backend is None:
+        ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=as_text)["input_ids"]
+        return [(x, None) for x in ids]
+    before = backend.encode_special_tokens
+    backend.encode_special_tokens = as_text
+    try:
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = before
+
+
+def _after_newline(tokenizer, text: str, start: int, as_text: bool) -> Tokens:
+    """Ids of `text` where it continues a longer text, its offsets shifted by `start`.
+
+    Tokenized after a newline, which is then removed: SentencePiece adds its prefix space only at
+    the start of a text (transformers' `encode_marked_chat` does the same).
+    """
+    [(nl, _)] = encode_texts(tokenizer, ["\n"], as_text)
+    [(ids, offs)] = encode_texts(tokenizer, ["\n" + text], as_text)
+    shift = start - 1
+    if ids[: len(nl)] != nl:
+        [(ids, offs)] = encode_texts(tokenizer, [text], as_text)
+        shift, nl = start, []
+    offs = [(a + shift, b + shift) for a, b in offs[len(nl) :]] if offs is not None else None
+    return ids[len(nl) :], offs
+
+
+@lru_cache(maxsize=8)
+def _markers(added: tuple[str, ...]) -> re.Pattern:
+    tokens = "|".join(map(re.escape, sorted(added, key=len, reverse=True))) or "(?!)"
+    return re.compile(f"{MARK_START}({tokens}){MARK_END}|[{MARK_START}{MARK_END}]")
+
+
+def encode_marked(tokenizer, text: str, start: int = 0) -> Tokens:
+    """A chat text with marked control-token spellings: marked tokens as text, markers dropped, the
+    rest (the template's own control tokens included) as usual; as `encode_marked_chat` does.
+    `start` > 0: the text continues a longer one from that character (offsets shifted by it)."""
+    pieces: list[tuple[int, int, bool]] = []  # (start, end, as_text)
+    pos = 0
+    for m in _markers(tuple(tokenizer.added_tokens_encoder)).finditer(text):
+        pieces.append((pos, m.start(), False))
+        if m.group(1) is not None:
+            pieces.append((m.start(1), m.end(1), True))
+        pos = m.end()
+    pieces.append((pos, len(text), False))
+    ids, offs = [], []
+    for k, (a, b, as_text) in enumerate(pieces):
+        if a == b:
+            continue
+        if k == 0 and start == 0:
+            p_ids, p_offs = encode_texts(tokenizer, [text[a:b]], as_text)[0]
         else:
-            out.append(Encoded(ids, labels, truncated))
+            p_ids, p_offs = _after_newline(tokenizer, text[a:b], start + a, as_text)
+        if as_text and tokenizer.convert_tokens_to_ids(text[a:b]) in p_ids:
+            raise BadRow(
+                "control_token_text", f"cannot encode {text[a:b]!r} as text: the tokenizer reads it as a token"
+            )
+        ids += p_ids
+        offs = offs + p_offs if offs is not None and p_offs is not None else None
+    return ids, offs
+
+
+def _split(offsets: list[tuple[int, int]] | None, at: int) -> int | None:
+    """How many tokens lie before character `at`, or None when a token straddles it."""
+    if offsets is None:
+        return None
+    j = 0
+    while j < len(offsets) and offsets[j][0] < at:
+        j += 1
+    if any(end > at for _, end in offsets[:j]) or any(start < at for start, _ in offsets[j:]):
+        return None
+    return j
+
+
+def _labelled(tokenizer, ex: Example, tokens: Tokens) -> tuple[list[int], list[bool]]:
+    """The example's ids and, per id, whether it is trained; cut where its spans start and end."""
+    as_text = not ex.templated
+
+    def alone(text: str, start: int = 0) -> Tokens:
+        if not as_text:
+            return encode_marked(tokenizer, text, start)
+        return _after_newline(tokenizer, text, start, True) if start else encode_texts(tokenizer, [text], True)[0]
+
+    starts = {a for a, _ in ex.spans}
+    ids, trained = [], []
+    cur_ids, cur_offs = tokens
+    whole = True  # cur_ids are still the whole text's own tokens (no straddled cut so far)
+    pos = 0
+    for cut in sorted({c for span in ex.spans for c in span if 0 < c < len(ex.text)}):
+        j = _split(cur_offs, cut)
+        # Where the whole text has a token boundary at a prompt's end, the prompt alone has the same
+        # ids, except after a run of whitespace: `\s+(?!\S)` in byte-level split patterns takes a
+        # run whole at the end of a text but leaves its last character to the word that follows.
+        check = cut in starts and (not whole or (cut >= 2 and ex.text[cut - 2 : cut].isspace()))
+        if j is not None and not check:
+            seg, cur_ids, cur_offs = cur_ids[:j], cur_ids[j:], cur_offs[j:]
+        else:  # the prompt is what inference tokenizes: the text before the cut, alone
+            head = alone(ex.text[:cut])[0]
+            seg = head[len(ids) :]
+            if head[: len(ids)] != ids:
+                raise BadRow(
+                    "boundary_merge",
+                    f"the prompt before character {cut} tokenizes differently alone than inside the text "
+                    "(a BPE merge crosses an earlier turn's end)",
+                )
+            if cur_ids[: len(seg)] == seg:
+                # The whole text's ids continue the prompt's (also where a token of the prompt took
+                # in text after the cut: Phi-3's `<|assistant|>` strips the whitespace after it).
+                cur_ids, cur_offs = cur_ids[len(seg) :], cur_offs and cur_offs[len(seg) :]
+            else:  # a merge crosses the cut: the rest continues the prompt
+                cur_ids, cur_offs = alone(ex.text[cut:], cut)
+                whole = False
+        inside = any(a <= pos < b for a, b in ex.spans)
+        ids += seg
+        trained += [inside] * len(seg)
+        pos = cut
+    inside = any(a <= pos < b for a, b in ex.spans)
+    return ids + cur_ids, trained + [inside] * len(cur_ids)
+
+
+def _turns_apart(ex: Example) -> list[Example]:
+    """One example per trained span, each ending after its span (and the whitespace after it)."""
+    out = []
+    for a, b in ex.spans:
+        end = b
+        while end < len(ex.text) and ex.text[end].isspace():
+            end += 1
+        out.append(ex._replace(text=ex.text[:end], spans=[(a, b)]))
+    return out
+
+
+def _encode_one(tokenizer, ex: Example, tokens: Tokens | None, special: Special, max_length: int) -> Encoded | str:
+    if tokens is None:
+        tokens = encode_marked(tokenizer, ex.text) if ex.templated else encode_texts(tokenizer, [ex.text], True)[0]
+    ids, trained = _labelled(tokenizer, ex, tokens)
+    labels = [t if on else IGNORE for t, on in zip(ids, trained)]
+    if not ex.templated:
+        ids = [*special.prefix, *ids, special.eos]
+        labels = [IGNORE] * len(special.prefix) + labels + [special.eos]
+    truncated = len(ids) > max_length
+    ids, labels = ids[:max_length], labels[:max_length]
+    if labels.count(IGNORE) == len(labels):
+        return "no_trained_tokens_after_truncation"
+    return Encoded(ids, labels, truncated)
+
+
+def encode_batch(
+    tokenizer, examples: list[Example], special: Special, max_length: int
+) -> list[Encoded | list[Encoded] | str | BadRow]:
+    """Encode examples; an entry is an `Encoded`, or why it was dropped (a reason string or BadRow).
+
+    A chat example whose later turn's prompt tokenizes differently because of a merge across an
+    earlier prompt's end (rare) becomes a list: one example per turn, each with its exact prompt.
+    """
+    plain = [i for i, ex in enumerate(examples) if not ex.templated]
+    chat = [i for i, ex in enumerate(examples) if ex.templated and not ex.control_text]
+    tokens: dict[int, Tokens] = {}
+    tokens.update(zip(plain, encode_texts(tokenizer, [examples[i].text for i in plain], True)))
+    tokens.update(zip(chat, encode_texts(tokenizer, [examples[i].text for i in chat], False)))
+    out: list[Encoded | list[Encoded] | str | BadRow] = []
+    for i, ex in enumerate(examples):
+        try:
+            out.append(_encode_one(tokenizer, ex, tokens.get(i), special, max_length))
+        except BadRow as err:
+            if err.reason != "boundary_merge" or len(ex.spans) < 2:
+                out.append(err)
+                continue
+            try:
+                parts = [_encode_one(tokenizer, part, None, special, max_length) for part in _turns_apart(ex)]
+            except BadRow as again:
+                out.append(again)
+                continue
+            kept = [p for p in parts if isinstance(p, Encoded)]
+            out.append(kept or parts[0])
     return out
