@@ -6,6 +6,7 @@ reasoning, tool calls and trailing user turns; and the plain formats with the sa
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 from families import FAMILIES, build_family_tokenizer
@@ -18,7 +19,10 @@ from sft_ray.data.formats import MARK_END, MARK_START, render_record
 from sft_ray.data.tokenize import Encoded, encode_batch, special_ids
 
 MARKERS = MARK_START + MARK_END  # dropped from data, as transformers does
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+# SFT_RAY_EXAMPLES=500 for a thorough run (the closing note of issue #11 reports one).
+SETTINGS = settings(
+    max_examples=int(os.environ.get("SFT_RAY_EXAMPLES", 25)), deadline=None, suppress_health_check=list(HealthCheck)
+)
 TOOLS = ("llama3", "qwen2_5", "qwen3", "mistral_v03")  # families whose templates write tool calls
 NO_SYSTEM = ("gemma",)  # "System role not supported"
 TOOL_DEF = {
@@ -138,3 +142,58 @@ def test_plain_formats_equal_inference(name, fmt, data):
     [example] = render_record(record, fmt, {}, None, "all_assistant", control_pattern(tok))
     [enc] = encode_batch(tok, [example], special_ids(tok), 100_000)
     check_plain(tok, fmt, record, enc)
+
+
+def _tokens(tok, enc, trained: bool) -> list[str]:
+    return tok.convert_ids_to_tokens([t for t, lab in zip(enc.input_ids, enc.labels) if (lab != -100) == trained])
+
+
+def test_mistral_reply_has_no_stray_prefix_space():
+    """Each segment used to be tokenized alone: `[/INST]` `▁` `▁Paris` and `<0x0A>` `▁` `4`, a `▁`
+    trained before every response that the model never sees at inference."""
+    tok = family("mistral_v03")
+    chat = build_chat(tok, None, {})
+    msgs = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]
+    [enc] = _encode(tok, {"messages": msgs}, chat)
+    assert _tokens(tok, enc, False)[-1] == "[/INST]"
+    trained = _tokens(tok, enc, True)
+    assert trained[0].startswith("▁P") and trained[-1] == "</s>" and "▁" not in trained
+    assert enc.input_ids == tok.apply_chat_template(msgs, tokenize=True, return_dict=False)
+    for fmt, record, last in [
+        ("instruction", {"question": "What is 2+2?", "output": "4"}, ["4", "</s>"]),
+        ("prompt_completion", {"prompt": "Answer: 1", "completion": "23"}, None),
+    ]:
+        [example] = render_record(record, fmt, {}, None, "all_assistant", control_pattern(tok))
+        [enc] = encode_batch(tok, [example], special_ids(tok), 512)
+        check_plain(tok, fmt, record, enc)
+        if last:  # `Output` newline, then `4`: no `▁` between them
+            tokens = tok.convert_ids_to_tokens(enc.input_ids)
+            assert tokens[-2:] == last and tokens[-3] in ("\n", "<0x0A>")
+        assert tok.decode(enc.input_ids, skip_special_tokens=True) == tok.decode(
+            tok(example.text)["input_ids"], skip_special_tokens=True
+        )
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_qwen3_trains_for_the_mode_it_is_told(thinking):
+    """The untrained prompt ended with `<think>\\n\\n</think>\\n\\n` whatever the run was for, and
+    multi-turn rows were dropped as template_mismatch (Qwen3 strips earlier turns' reasoning)."""
+    tok = family("qwen3")
+    chat = build_chat(tok, None, {"enable_thinking": thinking})
+    msgs = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", **({"reasoning_content": "Add them."} if thinking else {})},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "6", **({"reasoning_content": "Add again."} if thinking else {})},
+    ]
+    encoded = _encode(tok, {"messages": msgs}, chat)
+    check_chat(tok, msgs, None, {"enable_thinking": thinking}, encoded, [1, 3])
+    prompt = tok.decode(
+        encoded[-1].input_ids[: encoded[-1].labels.index(next(x for x in encoded[-1].labels if x != -100))]
+    )
+    trained = tok.decode([t for t, lab in zip(encoded[-1].input_ids, encoded[-1].labels) if lab != -100])
+    if thinking:  # reasoning is trained; the earlier turn's is gone from the later turn's prompt
+        assert len(encoded) == 2 and prompt.endswith("<|im_start|>assistant\n") and "Add them." not in prompt
+        assert trained == "<think>\nAdd again.\n</think>\n\n6<|im_end|>"
+    else:  # the prompt carries the empty think block, as inference with enable_thinking=False does
+        assert len(encoded) == 2 and prompt.endswith("<think>\n\n</think>\n\n") and trained == "6<|im_end|>"
