@@ -48,6 +48,16 @@ def report_lines(manifest: dict) -> list[str]:
         lines.append(
             f"      tokens {s['tokens']}, trained {s['trained_tokens']} ({s['trained_fraction']:.1%} of tokens)"
         )
+        if s.get("extra_turn_examples"):
+            lines.append(
+                f"      {s['extra_turn_examples']} chat turns trained in their own context, as extra examples "
+                f"({s['extra_turn_tokens']} tokens): the template renders earlier turns differently later"
+            )
+        if s.get("rows_with_control_token_text"):
+            lines.append(
+                f"      {s['rows_with_control_token_text']} rows spell a control token in their text "
+                "(tokenized as text, never as the control token)"
+            )
         if split == "train":
             top = max([b["rows"] for b in s["length_histogram"]] or [1]) or 1
             for b in s["length_histogram"]:
