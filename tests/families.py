@@ -50,6 +50,17 @@ _DS_TOOL_TOKENS = [
 ]
 
 
+_MISTRAL_CONTROL = (
+    "[INST]",
+    "[/INST]",
+    "[TOOL_CALLS]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+)
+
+
 @dataclass(frozen=True)
 class Spec:
     """What a family's tokenizer declares. `specials` are special added tokens in vocab order; for
@@ -108,31 +119,12 @@ SPECS: dict[str, Spec] = {
         extra_special=("<｜User｜>", "<｜Assistant｜>"),
     ),
     "mistral_v03": Spec(
-        specials=(
-            "<unk>",
-            "<s>",
-            "</s>",
-            "[INST]",
-            "[/INST]",
-            "[TOOL_CALLS]",
-            "[AVAILABLE_TOOLS]",
-            "[/AVAILABLE_TOOLS]",
-            "[TOOL_RESULTS]",
-            "[/TOOL_RESULTS]",
-        ),
+        specials=("<unk>", "<s>", "</s>", *_MISTRAL_CONTROL),
         bos="<s>",
         eos="</s>",
         unk="<unk>",
         add_bos=True,
-        extra_special=(
-            "[INST]",
-            "[/INST]",
-            "[TOOL_CALLS]",
-            "[AVAILABLE_TOOLS]",
-            "[/AVAILABLE_TOOLS]",
-            "[TOOL_RESULTS]",
-            "[/TOOL_RESULTS]",
-        ),
+        extra_special=_MISTRAL_CONTROL,
     ),
     "gemma": Spec(
         specials=("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"),
