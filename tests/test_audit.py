@@ -29,3 +29,17 @@ def test_audit_shows_trained_tokens_and_report(tmp_path, tiny_model, ray_local):
     assert "&lt;b&gt;this&lt;/b&gt;" in page and "<b>this</b>" not in page  # escaped
     colored = audit(cfg, n=1, color=True)
     assert re.search(r"\x1b\[30;42myes \d+<\|im_end\|>\x1b\[0m", colored)
+
+
+def test_audit_shows_the_space_a_sentencepiece_reply_starts_with():
+    """Decoded alone, Mistral's `▁Paris` loses its space: the audit showed `[/INST][[Paris.</s>]]`."""
+    from families import build_family_tokenizer
+
+    from sft_ray.data.audit import decoded_runs
+
+    tok = build_family_tokenizer("mistral_v03")
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Paris."}]
+    ids = tok.apply_chat_template(msgs, tokenize=True, return_dict=False)
+    start = ids.index(tok.convert_tokens_to_ids("[/INST]")) + 1
+    runs_ = decoded_runs(tok, {"input_ids": ids, "labels": [-100] * start + ids[start:]})
+    assert runs_ == [("prompt", "<s>[INST] Hi[/INST]"), ("trained", " Paris.</s>")]

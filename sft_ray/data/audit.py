@@ -31,6 +31,18 @@ def runs(input_ids: list[int], labels: list[int], position_ids: list[int] | None
     return out
 
 
+def decoded_runs(tokenizer, row: dict) -> list[tuple[str, str]]:
+    """(kind, text) per run, each run's text being what it adds to the decoded row so far: decoded
+    alone, a run's first `▁` (SentencePiece) would be dropped and the display would lose a space."""
+    out, ids, before = [], [], ""
+    for kind, run in runs(row["input_ids"], row["labels"], row.get("position_ids")):
+        ids += run
+        text = tokenizer.decode(ids)
+        out.append((kind, text[len(before) :] if text.startswith(before) else tokenizer.decode(run)))
+        before = text
+    return out
+
+
 def _rows(prepared: str, n: int) -> list[dict]:
     fs, path = storage.filesystem(storage.join(prepared, "train"))
     table = pq.read_table(path, filesystem=fs)
@@ -77,8 +89,7 @@ def terminal(tokenizer, rows: list[dict], manifest: dict, color: bool) -> str:
     for k, row in enumerate(rows):
         out.append(f"--- row {k} ({len(row['input_ids'])} tokens) ---")
         parts = []
-        for kind, ids in runs(row["input_ids"], row["labels"], row.get("position_ids")):
-            text = tokenizer.decode(ids)
+        for kind, text in decoded_runs(tokenizer, row):
             if kind == "boundary":
                 parts.append(BOUNDARY if color else "|")
             elif color:
@@ -94,11 +105,11 @@ def html_page(tokenizer, rows: list[dict], manifest: dict) -> str:
     body = []
     for k, row in enumerate(rows):
         spans = []
-        for kind, ids in runs(row["input_ids"], row["labels"], row.get("position_ids")):
+        for kind, text in decoded_runs(tokenizer, row):
             if kind == "boundary":
                 spans.append('<span class="b">|</span>')
             else:
-                spans.append(f'<span class="{kind[0]}">{html.escape(tokenizer.decode(ids))}</span>')
+                spans.append(f'<span class="{kind[0]}">{html.escape(text)}</span>')
         body.append(f"<h3>row {k} ({len(row['input_ids'])} tokens)</h3><pre>{''.join(spans)}</pre>")
     report = html.escape("\n".join(report_lines(manifest)))
     return (
