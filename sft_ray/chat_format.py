@@ -1,8 +1,8 @@
 """A chat format for a base model: the built-in ChatML template and the tokens it needs.
 
 A base model has no chat template and no turn tokens. `data.chat_template: chatml` gives it
-ChatML; the tokens it adds get new embedding rows, which the worker resizes and trains
-(sft_ray.model.fit_embeddings, sft_ray.model.lora_config).
+ChatML; the tokens it adds get new embedding rows, which the worker grows and trains with the
+adapter (sft_ray.model: fit_embeddings, token_rows, serve_trained_rows_to_trl).
 """
 
 from __future__ import annotations

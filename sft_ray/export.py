@@ -96,7 +96,8 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def merge(adapter_dir: str, out_dir: str, base_path: str | None = None, dtype: str = "float32") -> Path:
-    """Fold the LoRA weights into the base and save a plain model + tokenizer at `out_dir`.
+    """Fold the LoRA weights (and trained token rows) into the base and save a plain model +
+    tokenizer at `out_dir`.
 
     The base is always loaded unquantized: a QLoRA adapter was trained against the 4-bit base,
     but merging into 4-bit weights would round the update away (and PEFT cannot save it).
@@ -104,6 +105,8 @@ def merge(adapter_dir: str, out_dir: str, base_path: str | None = None, dtype: s
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft_ray.model import fit_embeddings
 
     adapter, out = Path(adapter_dir), Path(out_dir)
     config_path = adapter / "adapter_config.json"
@@ -117,9 +120,12 @@ def merge(adapter_dir: str, out_dir: str, base_path: str | None = None, dtype: s
     if not base:
         raise ValueError(f"{config_path} names no base_model_name_or_path; pass the base model path")
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter) if _has_tokenizer(adapter) else base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    # A run that added chat tokens trained their rows on a base grown to its tokenizer: grow this
+    # one the same way, so the adapter's rows land where they were trained and EOS is the turn end.
+    fit_embeddings(model, tokenizer)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")

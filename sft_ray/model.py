@@ -9,13 +9,39 @@ from __future__ import annotations
 from sft_ray.config import Config
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The tokenizer every stage shares: `chat_template` (the text, from chat_format.template_text)
+    replaces its template, and the built-in ChatML adds its turn tokens and makes `<|im_end|>` EOS."""
     from transformers import AutoTokenizer
+
+    from sft_ray.chat_format import apply_chat_format
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # batches need a pad id; padded positions carry label -100
+        # Batches need a pad id; padded positions carry label -100. Taken before ChatML moves EOS
+        # to `<|im_end|>`, so that padding stays a token apart from the one the model learns to emit.
+        tok.pad_token = tok.eos_token
+    apply_chat_format(tok, chat_template)
     return tok
+
+
+def fit_embeddings(model, tokenizer) -> None:
+    """Grow the embeddings to the tokenizer's vocabulary when tokens were added (never shrink: many
+    models carry spare rows) and make `generate` stop on the tokenizer's EOS too (`<|im_end|>` for
+    ChatML on a base; the stops the model has, like Llama-3.1's three, are kept).
+
+    Exactly `len(tokenizer)` rows, not a multiple of 64 as TRL's clone_chat_template rounds to: the
+    adapter is reloaded onto a base resized the same way from the saved tokenizer alone (export,
+    PeftModel.from_pretrained), and rows no token owns would be ids that decode to nothing.
+    """
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        # New rows start at the mean of the old ones (transformers' default): a neutral start, and
+        # one that no logit of the new tokens dominates before they are trained.
+        model.resize_token_embeddings(len(tokenizer))
+    stops = model.generation_config.eos_token_id
+    stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, *stops]
 
 
 def _dtype(name: str):
@@ -24,8 +50,9 @@ def _dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_model(cfg: Config, device):
-    """The frozen base model on `device`, 4-bit when `quantization` is set."""
+def load_model(cfg: Config, device, tokenizer=None):
+    """The frozen base model on `device`, 4-bit when `quantization` is set; with `tokenizer`, its
+    embeddings fit that tokenizer (fit_embeddings), before the 4-bit preparation freezes them."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -41,6 +68,8 @@ def load_model(cfg: Config, device):
         )
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kwargs)
+    if tokenizer is not None:
+        fit_embeddings(model, tokenizer)
     if q is None:
         model.to(device)
         if device.type == "cpu" and model.dtype == torch.float16:
@@ -92,7 +121,56 @@ def keep_4bit_trainable_on_cpu(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def lora_config(cfg: Config):
+def token_rows(model, tokenizer, chat_template: str | None) -> dict[str, list[int]] | None:
+    """The embedding rows to train with the adapter: those of the built-in ChatML's turn tokens, in
+    the input embeddings and in the output head (the same module for tied embeddings).
+
+    A base model's rows for them are new (mean-initialised) or were never trained, whether or not
+    the tokenizer already had the tokens: the model must learn to read them, and to emit
+    `<|im_end|>`, which an untrained output row never wins. A user's Jinja template adds no token,
+    so its rows are not known to need training; none are trained.
+    """
+    from sft_ray.chat_format import CHATML, CHATML_TOKENS
+
+    if chat_template != CHATML:
+        return None
+    ids = tokenizer.convert_tokens_to_ids(list(CHATML_TOKENS))
+    names = {module: name for name, module in model.named_modules()}
+    return {names[model.get_input_embeddings()]: ids, names[model.get_output_embeddings()]: ids}
+
+
+def serve_trained_rows_to_trl(model) -> None:
+    """Make the trained token rows of a PEFT model work under TRL's SFTTrainer, and stay light.
+
+    TRL computes the loss with a fused LM head that reads `lm_head.weight` and `lm_head.bias`
+    directly (stack-notes T5). PEFT's trainable-token wrapper serves `.weight` as the base rows with
+    the trained rows copied in (differentiable), but has no `.bias`: the first step fails with
+    AttributeError. Given the wrapped layer's bias, the head's trained rows learn (measured: only the
+    new rows of embeddings and head change, and the model ends its turns with `<|im_end|>`).
+    Training the whole head instead (`modules_to_save=["lm_head"]`, which TRL accepts) also works,
+    but trains and saves vocabulary x hidden values (525M for Llama-3-8B) instead of 2 rows.
+
+    The trained rows replace the base rows (they are not added to them), so the adapter needs no
+    copy of the resized matrices, which PEFT saves by default once the vocabulary grew (2 GB per
+    checkpoint for Llama-3-8B): every save leaves them out. Forward passes outside the fused loss
+    (generation) go through PEFT's own wrapper, which drops a head bias (huggingface/peft#3649):
+    Llama-style heads have none.
+    """
+    import functools
+
+    from peft.utils import TrainableTokensWrapper
+
+    head = model.get_output_embeddings()
+    if not isinstance(head, TrainableTokensWrapper):
+        return
+    # Set on the instance without registering it, so the state dict gains no second `bias`.
+    object.__setattr__(head, "bias", head.token_adapter.base_layer.bias)
+    model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
+
+
+def lora_config(cfg: Config, trainable_rows: dict[str, list[int]] | None = None):
+    """The adapter: LoRA on `lora.target_modules`, plus the embedding rows of `trainable_rows`
+    (token_rows) trained whole and saved with it."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -102,5 +180,6 @@ def lora_config(cfg: Config):
         target_modules=cfg.lora.target_modules,
         use_dora=cfg.lora.use_dora,
         use_rslora=cfg.lora.use_rslora,
+        trainable_token_indices=trainable_rows,
         task_type="CAUSAL_LM",
     )

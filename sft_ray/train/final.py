@@ -60,13 +60,71 @@ def summarize(trainer, before: dict, after: dict, train_metrics: dict, rates: li
     }
 
 
-def clean_stop(generation: dict, next_prompt_marker: str = "### Question") -> bool:
-    """Ended with EOS on its own, without running on into a new prompt first."""
-    return generation["stopped"] and next_prompt_marker not in generation["text"]
+_PROBE_REPLY, _PROBE_NEXT = "Probe reply 7", "Probe question 9"
+_PROBE_TURNS = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_REPLY}]
 
 
-def _share(generations: list[dict]) -> float | None:
-    return sum(map(clean_stop, generations)) / len(generations) if generations else None
+def _render(tokenizer, messages: list[dict], kwargs: dict) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+
+def end_of_turn_id(tokenizer, kwargs: dict) -> int | None:
+    """The special token the chat template closes an assistant turn with, when it is not EOS
+    (Llama-3's `<|eot_id|>` before `<|end_of_text|>`): generation must stop on it too."""
+    if not tokenizer.chat_template:
+        return None
+    text = _render(tokenizer, _PROBE_TURNS, kwargs)
+    if _PROBE_REPLY not in text:
+        return None
+    after = tokenizer(text[text.rindex(_PROBE_REPLY) + len(_PROBE_REPLY) :], add_special_tokens=False)["input_ids"]
+    special = {t for t, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+    first = after[0] if after else None
+    return first if first in special and first != tokenizer.eos_token_id else None
+
+
+def user_turn_opener(tokenizer, kwargs: dict) -> str | None:
+    """What the chat template writes to open a user turn (`<|im_start|>user`), found by rendering a
+    conversation with and without a next user turn: a reply that runs into it did not stop."""
+    one = _render(tokenizer, _PROBE_TURNS, kwargs)
+    two = _render(tokenizer, [*_PROBE_TURNS, {"role": "user", "content": _PROBE_NEXT}], kwargs)
+    end_of_reply = one[one.rindex(_PROBE_REPLY) + len(_PROBE_REPLY) :]
+    between = two[two.rindex(_PROBE_REPLY) + len(_PROBE_REPLY) : two.index(_PROBE_NEXT)]
+    opener = between.removeprefix(end_of_reply).strip()
+    return opener or None
+
+
+def _sample_formats(cfg: Config) -> set[str]:
+    """The formats of the held-out rows (carved out of train when there is no eval data)."""
+    return {src.format for src in cfg.data.eval or cfg.data.train}
+
+
+def stop_ids(cfg: Config, tokenizer) -> list[int]:
+    """What a sample generation stops on: EOS, and the chat template's end of turn where chat rows
+    are sampled and it differs."""
+    chat = "messages" in _sample_formats(cfg)
+    eot = end_of_turn_id(tokenizer, cfg.data.chat_template_kwargs) if chat else None
+    return [tokenizer.eos_token_id] + ([eot] if eot is not None else [])
+
+
+def next_turn_markers(cfg: Config, tokenizer) -> list[str]:
+    """Where the next prompt starts in the held-out rows' formats (`### Question` for instruction,
+    the template's user turn for messages; none for prompt_completion and text)."""
+    from sft_ray.data.formats import NEXT_TURN
+
+    formats = _sample_formats(cfg)
+    markers = {NEXT_TURN[f] for f in formats if f != "messages"} - {None}
+    if "messages" in formats:
+        markers.add(user_turn_opener(tokenizer, cfg.data.chat_template_kwargs))
+    return sorted(m for m in markers if m)
+
+
+def clean_stop(generation: dict, next_turn: list[str]) -> bool:
+    """Ended with its end-of-turn token on its own, without running on into a new prompt first."""
+    return generation["stopped"] and not any(m in generation["text"] for m in next_turn)
+
+
+def _share(generations: list[dict], next_turn: list[str]) -> float | None:
+    return sum(clean_stop(g, next_turn) for g in generations) / len(generations) if generations else None
 
 
 def _exact_share(samples: list[dict], when: str) -> float | None:
@@ -97,9 +155,10 @@ def write_final(
         }
         for p, b, a in zip(prompts, before.get("generations", []), after.get("generations", []))
     ]
+    next_turn = next_turn_markers(cfg, tokenizer)
     shares = {
-        "eos_share_before": _share(before.get("generations", [])),
-        "eos_share_after": _share(after.get("generations", [])),
+        "eos_share_before": _share(before.get("generations", []), next_turn),
+        "eos_share_after": _share(after.get("generations", []), next_turn),
         "exact_share_before": _exact_share(samples, "before"),
         "exact_share_after": _exact_share(samples, "after"),
     }

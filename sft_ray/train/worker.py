@@ -59,8 +59,9 @@ def sample_prompts(eval_ds, n: int) -> list[dict]:
     return out
 
 
-def generate(model, tokenizer, prompts: list[dict], device) -> list[dict]:
-    """Greedy continuations; `stopped` is whether the model produced EOS itself."""
+def generate(model, tokenizer, prompts: list[dict], device, stops: list[int]) -> list[dict]:
+    """Greedy continuations; `stopped` is whether the model produced a stop token (EOS, or the
+    chat template's end of turn where that differs) itself."""
     import torch
 
     results = []
@@ -75,10 +76,10 @@ def generate(model, tokenizer, prompts: list[dict], device) -> list[dict]:
                 max_new_tokens=len(p["reference_ids"]) + 16,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stops,
             )
             new = out[0, ids.shape[1] :].tolist()
-            results.append({"text": tokenizer.decode(new), "stopped": tokenizer.eos_token_id in new})
+            results.append({"text": tokenizer.decode(new), "stopped": any(t in new for t in stops)})
     model.train(was_training)
     return results
 
@@ -152,14 +153,16 @@ def _local_dir(name: str) -> str:
     return path
 
 
-def _baseline_generations(cfg: Config, trainer, tokenizer, prompts, device, rank: int, resumed: bool) -> dict:
+def _baseline_generations(
+    cfg: Config, trainer, tokenizer, prompts, stops: list[int], device, rank: int, resumed: bool
+) -> dict:
     """Generations before training (rank 0), kept in storage so a resumed run still has them."""
     uri = storage.join(cfg.storage.path, cfg.name, "baseline.json")
     if resumed and storage.exists(uri):
         return storage.read_json(uri)
     if rank != 0:
         return {}
-    before = {"generations": generate(trainer.model, tokenizer, prompts, device) if prompts else []}
+    before = {"generations": generate(trainer.model, tokenizer, prompts, device, stops) if prompts else []}
     storage.write_json(uri, before)
     return before
 
@@ -188,10 +191,18 @@ def train_loop(loop_config: dict) -> dict:
     import ray.train
     from trl import SFTTrainer
 
-    from sft_ray.model import check_packing_isolates, load_model, load_tokenizer, lora_config
+    from sft_ray.chat_format import template_text
+    from sft_ray.model import (
+        check_packing_isolates,
+        load_model,
+        load_tokenizer,
+        lora_config,
+        serve_trained_rows_to_trl,
+        token_rows,
+    )
     from sft_ray.train.callbacks import RunCallback, TokenCounter, count_packed_rows_in_num_tokens
     from sft_ray.train.collate import make_collator
-    from sft_ray.train.final import write_final
+    from sft_ray.train.final import stop_ids, write_final
 
     cfg = Config.model_validate(loop_config["config"])
     ctx = ray.train.get_context()
@@ -203,8 +214,9 @@ def train_loop(loop_config: dict) -> dict:
     if tb_dir:
         os.environ["TENSORBOARD_LOGGING_DIR"] = tb_dir
 
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    model = load_model(cfg, device)
+    template = template_text(cfg.data.chat_template)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, template)
+    model = load_model(cfg, device, tokenizer)
     if cfg.data.packing:
         check_packing_isolates(model, cfg.model.path)
     train_ds = even_out(
@@ -222,17 +234,19 @@ def train_loop(loop_config: dict) -> dict:
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg),
+        peft_config=lora_config(cfg, token_rows(model, tokenizer, template)),
         # Flatten packed rows only for a varlen kernel (see collate.py).
         data_collator=make_collator(tokenizer.pad_token_id, "flash" in (model.config._attn_implementation or "")),
     )
+    serve_trained_rows_to_trl(trainer.model)
     trainer.training_step = counter.wrap(trainer.training_step)
     count_packed_rows_in_num_tokens(trainer)
     # First in line, so the throughput it adds to each log reaches TensorBoard and MLflow too.
     trainer.callback_handler.callbacks.insert(0, callback)
 
     prompts = sample_prompts(eval_ds, cfg.train.samples) if eval_ds is not None else []
-    before = _baseline_generations(cfg, trainer, tokenizer, prompts, device, rank, checkpoint is not None)
+    stops = stop_ids(cfg, tokenizer)
+    before = _baseline_generations(cfg, trainer, tokenizer, prompts, stops, device, rank, checkpoint is not None)
     start_step = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -250,7 +264,7 @@ def train_loop(loop_config: dict) -> dict:
     summary = kept if kept is not None and rank == 0 else {}
     if kept is None and rank == 0:
         before = storage.read_json(storage.join(run_dir, "baseline.json"))  # + the step-0 eval loss
-        after["generations"] = generate(trainer.model, tokenizer, prompts, device) if prompts else []
+        after["generations"] = generate(trainer.model, tokenizer, prompts, device, stops) if prompts else []
         summary = write_final(
             cfg,
             trainer,
