@@ -115,7 +115,7 @@ def check_chat(tok, msgs, tools, kwargs, encoded: list, trained_turns: list[int]
             else:
                 assert tok.decode(ids[:end]) == tok.decode(encode_marked_chat(tok, m_head + m_turn))
             if not last:  # a turn followed by more in one example may end at an earlier end-of-turn token
-                assert ids[end - 1] in tok.all_special_ids
+                assert tok.added_tokens_decoder[ids[end - 1]].special
             head, turn, _ = _turn_text(text_of, msgs, i, training_template, marked=False)
             if _exact_decoder(tok):
                 got = tok.decode(ids[:end])[len(tok.decode(ids[:start])) :]

@@ -197,3 +197,39 @@ def test_qwen3_trains_for_the_mode_it_is_told(thinking):
         assert trained == "<think>\nAdd again.\n</think>\n\n6<|im_end|>"
     else:  # the prompt carries the empty think block, as inference with enable_thinking=False does
         assert len(encoded) == 2 and prompt.endswith("<think>\n\n</think>\n\n") and trained == "6<|im_end|>"
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2_5", "mistral_v03", "gemma", "phi3", "smollm2"])
+def test_prefix_preserving_turns_share_one_example(name):
+    """Turns of one conversation are one example where later prompts repeat earlier turns (Phi-3
+    too, whose last turn alone gets `<|endoftext|>`): a 3-turn chat is not 3 examples (tokens ~N^2)."""
+    tok = family(name)
+    msgs = [
+        m for k in range(3) for m in ({"role": "user", "content": f"Q{k}"}, {"role": "assistant", "content": f"A{k}"})
+    ]
+    encoded = _encode(tok, {"messages": msgs}, build_chat(tok, None, {}))
+    assert len(encoded) == 1
+    check_chat(tok, msgs, None, {}, encoded, [1, 3, 5])
+
+
+def test_a_later_turn_truncated_away_drops_alone():
+    """Qwen3 trains each reasoning turn in its own context; when the later context no longer fits
+    max_length, that turn is dropped and counted, and the record's first turn is kept (it dropped
+    the whole conversation)."""
+    import json
+
+    from sft_ray.data.encode import Encoder
+
+    tok = family("qwen3")
+    msgs = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "four " * 40, "reasoning_content": "Two plus two."},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "6", "reasoning_content": "Three plus three."},
+    ]
+    spec = {"format": "messages", "fields": {}, "train_on": "all_assistant"}
+    encoder = Encoder([spec], tok, "", False, 60, None, {"enable_thinking": True}, 0.0, 0)
+    row = {"raw": json.dumps({"messages": msgs}), "bad_utf8": False, "spec": 0, "split": "train", "where": "a:1"}
+    table = encoder.encode([row]).to_pylist()
+    assert [(r["part"], r["drop_reason"]) for r in table] == [(0, ""), (1, "no_trained_tokens_after_truncation")]
+    assert table[0]["truncated"] and table[0]["n_trained"] > 0 and "Two plus two." in tok.decode(table[0]["input_ids"])

@@ -29,9 +29,17 @@ HEADER_TEMPLATE = (
 )
 
 
+# A generation prompt that ends in a space (`ASSISTANT: `), which the reply's first word merges with.
+SPACE_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() + ': ' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT: ' }}{% endif %}"
+)
+
+
 def encode(tokenizer, record, fmt, chat=None, train_on="all_assistant"):
     examples = render_record(record, fmt, {}, chat, train_on, control_pattern(tokenizer))
-    return encode_batch(tokenizer, examples, special_ids(tokenizer), 100_000)
+    encoded = encode_batch(tokenizer, examples, special_ids(tokenizer), 100_000)
+    return [e for x in encoded for e in (x if isinstance(x, list) else [x])]  # a list: turns apart
 
 
 def trained_text(tokenizer, enc) -> list[str]:
@@ -90,10 +98,12 @@ def test_control_token_text_is_data(tokenizer):
     assert trained_text(tokenizer, enc) == ["<|im_end|> marks the end." + EOS]
 
 
-def _chat(tokenizer, template):
+def _chat(tokenizer, template, offsets: bool = True):
     tok = copy.deepcopy(tokenizer)
     if template:
         tok.chat_template = template
+    if not offsets:  # as a tokenizer class that changes how text is encoded: no Rust offsets
+        tok.__class__ = type("NoOffsets", (type(tok),), {"_switch_to_input_mode": lambda self: None})
     return tok, build_chat(tok, None, {})
 
 
@@ -109,12 +119,13 @@ conversations = st.lists(
 )
 
 
-@pytest.mark.parametrize("template", [None, HEADER_TEMPLATE], ids=["chatml", "header"])
+@pytest.mark.parametrize("template", [None, HEADER_TEMPLATE, SPACE_TEMPLATE], ids=["chatml", "header", "space"])
 @pytest.mark.parametrize("train_on", ["all_assistant", "last_assistant"])
+@pytest.mark.parametrize("offsets", [True, False], ids=["offsets", "no-offsets"])
 @SETTINGS
 @given(conv=conversations)
-def test_messages(tokenizer, template, train_on, conv):
-    tok, chat = _chat(tokenizer, template)
+def test_messages(tokenizer, template, train_on, offsets, conv):
+    tok, chat = _chat(tokenizer, template, offsets)
     msgs = [{"role": r, "content": c} for r, c in conv]
     encoded = encode(tok, {"messages": msgs}, "messages", chat, train_on)
     assistant = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
@@ -232,3 +243,31 @@ def test_unusable_templates_are_refused_before_any_row(tokenizer, template, mess
     tok.chat_template = template
     with pytest.raises(ChatTemplateError, match=message):
         build_chat(tok, None, {})
+
+
+def test_common_dataset_shapes_are_read(tokenizer):
+    """Text parts (`[{type: text, text}]`), a tool's JSON object result, and ShareGPT's
+    `conversations` of `{from, value}` become the messages they spell."""
+    tok, chat = _chat(tokenizer, None)
+    plain = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Let me look."},
+        {"role": "tool", "content": '{"sky": "clear"}'},
+        {"role": "assistant", "content": "Clear."},
+    ]
+    shaped = [
+        {"role": "user", "content": [{"type": "text", "text": "Weather"}, {"type": "text", "text": "?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Let me look."}]},
+        {"role": "tool", "content": {"sky": "clear"}},
+        {"role": "assistant", "content": "Clear."},
+    ]
+    sharegpt = [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]), "value": m["content"]}
+                for m in plain]  # fmt: skip
+    want = encode(tok, {"messages": plain}, "messages", chat)
+    assert encode(tok, {"messages": shaped}, "messages", chat) == want
+    assert encode(tok, {"conversations": sharegpt}, "messages", chat) == want
+    image = [{"type": "image", "url": "x.png"}, {"type": "text", "text": "What is this?"}]
+    with pytest.raises(BadRow, match="list of text parts"):
+        render_record({"messages": [{"role": "user", "content": image}, plain[1]]}, "messages", {}, chat)
+    with pytest.raises(BadRow, match="unknown ShareGPT 'from' 'bot'"):
+        render_record({"conversations": [{"from": "bot", "value": "x"}]}, "messages", {}, chat)

@@ -65,6 +65,11 @@ def report_lines(manifest: dict) -> list[str]:
                 f"      {s['extra_turn_examples']} chat turns trained in their own context, as extra examples "
                 f"({s['extra_turn_tokens']} tokens): the template renders earlier turns differently later"
             )
+        if s.get("turns_truncated_away"):
+            lines.append(
+                f"      {s['turns_truncated_away']} later chat turns left with no trained token by truncation "
+                "were dropped (their records' other turns are kept); raise data.max_length to keep them"
+            )
         if s.get("rows_with_control_token_text"):
             lines.append(
                 f"      {s['rows_with_control_token_text']} rows spell a control token in their text "

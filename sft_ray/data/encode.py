@@ -41,6 +41,21 @@ def parse(raw: str, bad_utf8: bool) -> object:
         raise BadRow("malformed_json", f"malformed JSON: {err}") from None
 
 
+def _parts(results: list[tuple]) -> list[tuple]:
+    """A record's (example, encoding) pairs as rows, kept ones first.
+
+    Bad data drops the record whole: a conversation never loses some of its turns to an error.
+    A later turn that truncation leaves with nothing to train (its own example, in a template that
+    rewrites earlier turns) is dropped alone and counted; the turns that fit are kept.
+    """
+    bad = next((enc for _, enc in results if isinstance(enc, BadRow)), None)
+    if bad is not None:
+        return [(results[0][0], bad)]
+    kept = [(ex, enc) for ex, enc in results if isinstance(enc, Encoded)]
+    lost = [(ex, enc) for ex, enc in results if not isinstance(enc, Encoded)]
+    return kept + lost if kept else lost[:1]
+
+
 class Encoder:
     def __init__(
         self,
@@ -98,10 +113,7 @@ class Encoder:
             by_row.setdefault(i, []).extend((ex, e) for e in (enc if isinstance(enc, list) else [enc]))
         cols: dict[str, list] = {name: [] for name in SCHEMA.names}
         for i, r in enumerate(rows):
-            results = [(None, errors[i])] if i in errors else by_row[i]
-            # A record is kept whole or dropped whole: a conversation never loses some of its turns.
-            bad = next((enc for _, enc in results if not isinstance(enc, Encoded)), None)
-            for part, (ex, enc) in enumerate(results if bad is None else [(results[0][0], bad)]):
+            for part, (ex, enc) in enumerate(_parts([(None, errors[i])] if i in errors else by_row[i])):
                 cols["split"].append(r["split"])
                 cols["spec"].append(r["spec"])
                 cols["where"].append(r["where"])

@@ -104,14 +104,38 @@ def text(record: dict, fields: dict) -> Example:
 NEXT_TURN = {"instruction": "### Question", "alpaca": "### Instruction:", "prompt_completion": None, "text": None}
 
 
+# ShareGPT's `{from, value}` messages, as most public chat datasets store them.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "tool": "tool", "observation": "tool", "function_response": "tool"}  # fmt: skip
+
+
+def _content(i: int, role: str, content: object) -> str | None:
+    """A message's content as text: text parts (`[{type: text, text}]`) joined; a tool's JSON
+    result (an object or list) written as JSON."""
+    if content is None or isinstance(content, str):
+        return content
+    if role == "tool" and isinstance(content, (dict, list)):
+        return json.dumps(content, ensure_ascii=False)
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        if all(isinstance(p.get("text"), str) for p in content):
+            return "".join(p["text"] for p in content)
+    raise BadRow(
+        "wrong_type",
+        f"message {i}: 'content' must be a string or a list of text parts ({{type: text, text}}), "
+        f"got {json.dumps(content)[:80]}",
+    )
+
+
 def _message(i: int, m: object) -> dict:
+    if isinstance(m, dict) and "role" not in m and "from" in m:
+        if m["from"] not in SHAREGPT_ROLES:
+            raise BadRow("unknown_role", f"message {i} has unknown ShareGPT 'from' {m['from']!r}")
+        m = {**m, "role": SHAREGPT_ROLES[m["from"]], "content": m.get("value")}
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-        raise BadRow("wrong_type", f"message {i} must be an object with a string 'role'")
+        raise BadRow("wrong_type", f"message {i} must be an object with a string 'role' (or ShareGPT's 'from')")
     if m["role"] not in ROLES:
         raise BadRow("unknown_role", f"message {i} has unknown role '{m['role']}' (expected one of {ROLES})")
-    content = m.get("content")
-    if content is not None and not isinstance(content, str):
-        raise BadRow("wrong_type", f"message {i}: 'content' must be a string, got {type(content).__name__}")
+    content = _content(i, m["role"], m.get("content"))
     calls = m.get("tool_calls")
     if calls is not None and not (m["role"] == "assistant" and isinstance(calls, list)):
         raise BadRow("wrong_type", f"message {i}: 'tool_calls' must be a list on an assistant message")
@@ -122,11 +146,14 @@ def _message(i: int, m: object) -> dict:
         raise BadRow("empty_response", f"assistant message {i} has no content, reasoning or tool calls")
     if content is None and m["role"] != "assistant":
         raise BadRow("missing_field", f"message {i} ({m['role']}) has no 'content'")
+    m = {**m, "content": content}
     return {k: m[k] for k in MESSAGE_KEYS if m.get(k) is not None}
 
 
 def _messages(record: dict, fields: dict) -> tuple[list[dict], list | None]:
     key = fields.get("messages", "messages")
+    if key not in record and "messages" not in fields and "conversations" in record:
+        key = "conversations"  # ShareGPT's name for them
     msgs = record.get(key)
     if msgs is None:
         raise BadRow("missing_field", f"missing field '{key}'")
@@ -214,7 +241,9 @@ def _turn(chat: Chat, msgs: list[dict], tools, i: int) -> tuple[str, str, str]:
         raise BadRow(
             "template_mismatch",
             f"the chat template renders assistant message {i} after a different prompt than its generation "
-            f"prompt: they differ from character {n} ({head[n : n + 30]!r} vs {full[n : n + 30]!r})",
+            f"prompt: from character {n} the generation prompt goes on with {head[n : n + 30]!r}, the rendered "
+            f"turn with {full[n : n + 30]!r}"
+            + (f" (the reply must start with {head[n:]!r})" if head[n:].strip() and len(head) - n < 20 else ""),
         )
     turn = full[len(head) :]
     trained = turn.rstrip()
@@ -236,7 +265,7 @@ def _check_rendered(msg: dict, i: int, trained: str) -> None:
             raise BadRow(
                 "tool_call_not_rendered",
                 f"assistant message {i}: a tool call ({json.dumps(call)[:60]}) is not written by the chat "
-                "template (each call needs {'function': {'name', 'arguments'}})",
+                "template (does it support tool calls? each call needs {'function': {'name', 'arguments'}})",
             )
 
 
@@ -252,8 +281,18 @@ def _continues(head: str, prev_head: str, prev_trained: str, specials: tuple[str
     rest = head[len(prev_head) :]
     if rest.startswith(prev_trained):
         return len(prev_trained)
-    kept = prev_trained[: _common(prev_trained, rest)].rstrip()
-    return len(kept) if any(kept.endswith(s) for s in specials) else None
+    common = prev_trained[: _common(prev_trained, rest)]
+    # Back to the last end-of-turn token they share (`<|end|>\n<|` of `<|endoftext|>`/`<|user|>` is
+    # not one); a control token spelled in the content is followed by a marker, and is not one either.
+    ends = [common.rfind(s) + len(s) for s in specials if s in common]
+    ends = [e for e in ends if not common.startswith(MARK_END, e)]
+    if not ends:
+        return None
+    # Only the turn's closing tokens may be left out, never any of what it says.
+    left_out = prev_trained[max(ends) :]
+    for s in specials:
+        left_out = left_out.replace(s, "")
+    return max(ends) if not left_out.strip() else None
 
 
 def messages(record: dict, fields: dict, chat: Chat, train_on: str) -> list[Example]:

@@ -269,6 +269,10 @@ def _split_stats(t: pa.Table, cfg: Config) -> dict:
         "examples": kept.num_rows,
         "extra_turn_examples": extra.num_rows,
         "extra_turn_tokens": int(pc.sum(extra["n_tokens"]).as_py() or 0),
+        # Such a turn that truncation left with nothing to train; the record's other turns are kept.
+        "turns_truncated_away": t.filter(
+            pc.and_(pc.greater(t["part"], 0), pc.not_equal(t["drop_reason"], ""))
+        ).num_rows,
         "rows_with_control_token_text": int(pc.sum(records["control_text"]).as_py() or 0),
         "tokens": tokens,
         "trained_tokens": trained,
@@ -370,11 +374,21 @@ def _build(cfg: Config, out: str, tokenizer) -> dict:
 def _describe(manifest: dict) -> str:
     s = manifest["splits"]["train"]
     dropped = ", ".join(f"{n} {r}" for r, n in s["rows_dropped"].items())
-    return (
+    text = (
         f"train {s['rows_kept']}/{s['rows_read']} rows kept{f' (dropped: {dropped})' if dropped else ''}, "
         f"{s['trained_tokens']}/{s['tokens']} tokens trained, {manifest['layout']['rows']} rows written"
         f"{' packed' if manifest['layout']['packing'] else ''}"
     )
+    if s.get("extra_turn_examples"):
+        text += (
+            f"; {s['extra_turn_examples']} chat turns as examples of their own (the template rewrites earlier turns)"
+        )
+    if s.get("rows_with_control_token_text"):
+        text += (
+            f"; {s['rows_with_control_token_text']} rows spell a control token, tokenized as text "
+            "(for chat already rendered into text, use format: messages)"
+        )
+    return text
 
 
 def prepare(cfg: Config, output: str | None = None) -> tuple[str, dict]:

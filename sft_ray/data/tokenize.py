@@ -41,11 +41,14 @@ class Special:
 
 
 def special_ids(tokenizer) -> Special:
-    # Encoding "" with special tokens shows exactly what the post-processor adds (e.g. BOS).
-    prefix = tuple(tokenizer("", add_special_tokens=True)["input_ids"])
+    """What the post-processor puts in front of a text (BOS); one that also appends EOS to every
+    text (`<s> $A </s>`) would otherwise put an EOS in front of every example."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    at = next((i for i in range(len(with_special)) if with_special[i : i + len(bare)] == bare), 0)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; set one so responses can be terminated")
-    return Special(prefix=prefix, eos=tokenizer.eos_token_id)
+    return Special(prefix=tuple(with_special[:at]), eos=tokenizer.eos_token_id)
 
 
 @dataclass
@@ -160,42 +163,62 @@ def _split(offsets: list[tuple[int, int]] | None, at: int) -> int | None:
 
 
 def _labelled(tokenizer, ex: Example, tokens: Tokens) -> tuple[list[int], list[bool]]:
-    """The example's ids and, per id, whether it is trained; cut where its spans start and end."""
+    """The example's ids and, per id, whether it is trained; cut where its spans start and end.
+
+    `tokens` are the whole text's; they are cut where a token boundary marks a cut. A prompt's end
+    (a span start) is checked against the prompt tokenized alone wherever that could differ: a
+    token straddles the cut, an earlier cut already re-tokenized the rest, or the prompt ends in
+    a run of whitespace (`\s+(?!\S)` in byte-level split patterns takes a run whole at the end of
+    a text but leaves its last character to a word that follows). Where they differ, the prompt's
+    ids win and the rest is tokenized as its continuation.
+    """
     as_text = not ex.templated
 
-    def alone(text: str, start: int = 0) -> Tokens:
+    def alone(text: str, start: int = 0) -> list[int]:
         if not as_text:
-            return encode_marked(tokenizer, text, start)
-        return _after_newline(tokenizer, text, start, True) if start else encode_texts(tokenizer, [text], True)[0]
+            return encode_marked(tokenizer, text, start)[0]
+        return (_after_newline(tokenizer, text, start, True) if start else encode_texts(tokenizer, [text], True)[0])[0]
+
+    def rest(cut: int) -> Tokens:
+        return (
+            encode_marked(tokenizer, ex.text[cut:], cut)
+            if not as_text
+            else _after_newline(tokenizer, ex.text[cut:], cut, True)
+        )
 
     starts = {a for a, _ in ex.spans}
     ids, trained = [], []
     cur_ids, cur_offs = tokens
-    whole = True  # cur_ids are still the whole text's own tokens (no straddled cut so far)
+    whole = True  # cur_ids are the whole text's own tokens (no cut re-tokenized the rest yet)
     pos = 0
     for cut in sorted({c for span in ex.spans for c in span if 0 < c < len(ex.text)}):
         j = _split(cur_offs, cut)
-        # Where the whole text has a token boundary at a prompt's end, the prompt alone has the same
-        # ids, except after a run of whitespace: `\s+(?!\S)` in byte-level split patterns takes a
-        # run whole at the end of a text but leaves its last character to the word that follows.
-        check = cut in starts and (not whole or (cut >= 2 and ex.text[cut - 2 : cut].isspace()))
-        if j is not None and not check:
+        prompt_end = cut in starts
+        if j is None and cur_offs is not None and not prompt_end:
+            # A span ends inside a token (Phi-3's `<|end|>` takes in the newline after it): the
+            # token belongs to the span, and the whole text's tokens go on unchanged.
+            j = sum(1 for a, _ in cur_offs if a < cut)
+        if j is not None and not (prompt_end and (not whole or ex.text[max(0, cut - 2) : cut].isspace())):
             seg, cur_ids, cur_offs = cur_ids[:j], cur_ids[j:], cur_offs[j:]
-        else:  # the prompt is what inference tokenizes: the text before the cut, alone
-            head = alone(ex.text[:cut])[0]
-            seg = head[len(ids) :]
-            if head[: len(ids)] != ids:
-                raise BadRow(
-                    "boundary_merge",
-                    f"the prompt before character {cut} tokenizes differently alone than inside the text "
-                    "(a BPE merge crosses an earlier turn's end)",
-                )
+        else:
+            if prompt_end:  # what inference tokenizes: the text before the cut, alone
+                head = alone(ex.text[:cut])
+                if head[: len(ids)] != ids:
+                    raise BadRow(
+                        "boundary_merge",
+                        f"the prompt before character {cut} tokenizes differently alone than inside the text "
+                        "(a BPE merge crosses an earlier turn's end)",
+                    )
+                seg = head[len(ids) :]
+            else:  # the end of a trained span: the span's text as a continuation
+                seg = alone(ex.text[pos:cut], pos)
             if cur_ids[: len(seg)] == seg:
-                # The whole text's ids continue the prompt's (also where a token of the prompt took
-                # in text after the cut: Phi-3's `<|assistant|>` strips the whitespace after it).
-                cur_ids, cur_offs = cur_ids[len(seg) :], cur_offs and cur_offs[len(seg) :]
-            else:  # a merge crosses the cut: the rest continues the prompt
-                cur_ids, cur_offs = alone(ex.text[cut:], cut)
+                # The whole text's ids go on the same way (also where a token took in text after the
+                # cut: Phi-3's `<|assistant|>` strips the whitespace after it).
+                cur_ids = cur_ids[len(seg) :]
+                cur_offs = cur_offs[len(seg) :] if cur_offs is not None else None
+            else:  # a merge crosses the cut: the rest continues what came before it
+                cur_ids, cur_offs = rest(cut)
                 whole = False
         inside = any(a <= pos < b for a, b in ex.spans)
         ids += seg
