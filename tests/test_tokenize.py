@@ -132,3 +132,20 @@ def test_encode_texts_keeps_the_call_for_a_tokenizer_that_overrides_it(tokenizer
     custom = Custom.__new__(Custom)
     custom.__dict__.update(tokenizer.__dict__)
     assert encode_texts(custom, ["anything"], False) == [([7], None)]
+
+
+def test_a_post_processor_that_appends_eos_adds_only_its_bos_in_front(tokenizer):
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tokenizer)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A <|im_end|>", special_tokens=[("<s>", bos), ("<|im_end|>", eos)]
+    )
+    assert special_ids(tok).prefix == (bos,)  # it was (bos, eos): every example began `<s><|im_end|>`
+    [enc] = encode_batch(
+        tok, render_record({"prompt": "Q:", "completion": " A"}, "prompt_completion"), special_ids(tok), 64
+    )
+    assert enc.input_ids[0] == bos and enc.input_ids.count(eos) == 1 and enc.input_ids[-1] == eos
