@@ -24,7 +24,7 @@ no trained token is dropped with reason `no_trained_tokens_after_truncation`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from sft_ray.data.formats import MARK_END, MARK_START, BadRow, Example
@@ -38,6 +38,36 @@ class Special:
 
     prefix: tuple[int, ...]  # what the tokenizer puts in front of a text (BOS), possibly empty
     eos: int
+    # Per run of whitespace ending a prompt: whether this tokenizer may split it differently alone
+    # than with text after it (filled as runs are met; see _run_may_split).
+    runs: dict[str, bool] = field(default_factory=dict, compare=False)
+
+
+def _run_may_split(tokenizer, special: Special, text: str) -> bool:
+    """Whether the whitespace run ending `text` could tokenize differently once text follows.
+
+    Byte-level split patterns decide whitespace runs by what follows: GPT-2's `\s+(?!\S)` takes a
+    run whole at the end of a text but leaves its last character to a word after it, where
+    Llama-3's and Qwen's `\s*[\r\n]+` keep newline runs whole either way. Probed once per run
+    (after a word, a punctuation mark and a special token, before each kind of character); a
+    prompt ending in a run that may split is then tokenized alone to be sure.
+    """
+    run = text[len(text.rstrip()) :]
+    if len(run) < 2:  # one whitespace character is split the same either way, or straddles (found)
+        return False
+    if run not in special.runs:
+        eos = tokenizer.convert_ids_to_tokens(special.eos)
+        pairs = [
+            (before + run, before + run + after) for before in ("a", ":", eos) for after in ("b", " b", "1", ".", "\n")
+        ]
+        encoded = encode_texts(tokenizer, [t for pair in pairs for t in pair], False)
+        # A token across the prompt's end is found anyway; a clean cut with other ids is not.
+        cuts = [
+            (_split(joint[1], len(text)), alone[0], joint[0])
+            for (text, _), alone, joint in zip(pairs, encoded[::2], encoded[1::2])
+        ]
+        special.runs[run] = any(j is not None and joint[:j] != alone for j, alone, joint in cuts)
+    return special.runs[run]
 
 
 def special_ids(tokenizer) -> Special:
@@ -162,15 +192,14 @@ def _split(offsets: list[tuple[int, int]] | None, at: int) -> int | None:
     return j
 
 
-def _labelled(tokenizer, ex: Example, tokens: Tokens) -> tuple[list[int], list[bool]]:
+def _labelled(tokenizer, ex: Example, tokens: Tokens, special: Special) -> tuple[list[int], list[bool]]:
     """The example's ids and, per id, whether it is trained; cut where its spans start and end.
 
     `tokens` are the whole text's; they are cut where a token boundary marks a cut. A prompt's end
     (a span start) is checked against the prompt tokenized alone wherever that could differ: a
     token straddles the cut, an earlier cut already re-tokenized the rest, or the prompt ends in
-    a run of whitespace (`\s+(?!\S)` in byte-level split patterns takes a run whole at the end of
-    a text but leaves its last character to a word that follows). Where they differ, the prompt's
-    ids win and the rest is tokenized as its continuation.
+    a run of whitespace this tokenizer may split differently alone (_run_may_split). Where they
+    differ, the prompt's ids win and the rest is tokenized as its continuation.
     """
     as_text = not ex.templated
 
@@ -198,7 +227,7 @@ def _labelled(tokenizer, ex: Example, tokens: Tokens) -> tuple[list[int], list[b
             # A span ends inside a token (Phi-3's `<|end|>` takes in the newline after it): the
             # token belongs to the span, and the whole text's tokens go on unchanged.
             j = sum(1 for a, _ in cur_offs if a < cut)
-        if j is not None and not (prompt_end and (not whole or ex.text[max(0, cut - 2) : cut].isspace())):
+        if j is not None and not (prompt_end and (not whole or _run_may_split(tokenizer, special, ex.text[:cut]))):
             seg, cur_ids, cur_offs = cur_ids[:j], cur_ids[j:], cur_offs[j:]
         else:
             if prompt_end:  # what inference tokenizes: the text before the cut, alone
@@ -242,7 +271,7 @@ def _turns_apart(ex: Example) -> list[Example]:
 def _encode_one(tokenizer, ex: Example, tokens: Tokens | None, special: Special, max_length: int) -> Encoded | str:
     if tokens is None:
         tokens = encode_marked(tokenizer, ex.text) if ex.templated else encode_texts(tokenizer, [ex.text], True)[0]
-    ids, trained = _labelled(tokenizer, ex, tokens)
+    ids, trained = _labelled(tokenizer, ex, tokens, special)
     labels = [t if on else IGNORE for t, on in zip(ids, trained)]
     if not ex.templated:
         ids = [*special.prefix, *ids, special.eos]
