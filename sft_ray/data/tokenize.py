@@ -24,7 +24,8 @@ no trained token is dropped with reason `no_trained_tokens_after_truncation`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from functools import lru_cache
 
 from sft_ray.data.formats import MARK_END, MARK_START, BadRow, Example
@@ -38,36 +39,39 @@ class Special:
 
     prefix: tuple[int, ...]  # what the tokenizer puts in front of a text (BOS), possibly empty
     eos: int
-    # Per run of whitespace ending a prompt: whether this tokenizer may split it differently alone
-    # than with text after it (filled as runs are met; see _run_may_split).
-    runs: dict[str, bool] = field(default_factory=dict, compare=False)
 
 
-def _run_may_split(tokenizer, special: Special, text: str) -> bool:
-    """Whether the whitespace run ending `text` could tokenize differently once text follows.
+_ADDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _added(tokenizer) -> tuple[str, ...]:
+    """The tokenizer's added tokens (transformers rebuilds that mapping on every access)."""
+    if tokenizer not in _ADDED:
+        _ADDED[tokenizer] = tuple(tokenizer.added_tokens_encoder)
+    return _ADDED[tokenizer]
+
+
+def _run_may_split(tokenizer, text: str, after: str) -> bool:
+    """Whether the run of whitespace ending the prompt `text` is pre-tokenized differently alone
+    than with `after` following it.
 
     Byte-level split patterns decide whitespace runs by what follows: GPT-2's `\s+(?!\S)` takes a
-    run whole at the end of a text but leaves its last character to a word after it, where
-    Llama-3's and Qwen's `\s*[\r\n]+` keep newline runs whole either way. Probed once per run
-    (after a word, a punctuation mark and a special token, before each kind of character); a
-    prompt ending in a run that may split is then tokenized alone to be sure.
+    run whole at the end of a text but leaves its last space to a word after it (`a  ` is `a` `  `
+    alone, `a` ` ` ` b` before `b`), where Llama-3's and Qwen's `\s*[\r\n]+` keep newline runs
+    whole either way. Within equal pre-tokens, BPE gives equal ids left of a clean token boundary,
+    so only these runs need the prompt tokenized alone. Compared on the run with its neighbours.
     """
     run = text[len(text.rstrip()) :]
-    if len(run) < 2:  # one whitespace character is split the same either way, or straddles (found)
+    pre = getattr(_backend(tokenizer), "pre_tokenizer", None)
+    if len(run) < 2 or pre is None:  # one whitespace character splits the same either way
         return False
-    if run not in special.runs:
-        eos = tokenizer.convert_ids_to_tokens(special.eos)
-        pairs = [
-            (before + run, before + run + after) for before in ("a", ":", eos) for after in ("b", " b", "1", ".", "\n")
-        ]
-        encoded = encode_texts(tokenizer, [t for pair in pairs for t in pair], False)
-        # A token across the prompt's end is found anyway; a clean cut with other ids is not.
-        cuts = [
-            (_split(joint[1], len(text)), alone[0], joint[0])
-            for (text, _), alone, joint in zip(pairs, encoded[::2], encoded[1::2])
-        ]
-        special.runs[run] = any(j is not None and joint[:j] != alone for j, alone, joint in cuts)
-    return special.runs[run]
+    before = text[: -len(run)]
+    # The run with the character before it, as the split pattern sees it; after an added token the
+    # run starts a piece of its own (added tokens are split off first).
+    window = run if any(before.endswith(t) for t in _added(tokenizer)) else text[-len(run) - 1 :]
+    alone = [span for _, span in pre.pre_tokenize_str(window)]
+    joint = [(a, min(b, len(window))) for _, (a, b) in pre.pre_tokenize_str(window + after[:2]) if a < len(window)]
+    return alone != joint
 
 
 def special_ids(tokenizer) -> Special:
@@ -157,7 +161,7 @@ def encode_marked(tokenizer, text: str, start: int = 0) -> Tokens:
     `start` > 0: the text continues a longer one from that character (offsets shifted by it)."""
     pieces: list[tuple[int, int, bool]] = []  # (start, end, as_text)
     pos = 0
-    for m in _markers(tuple(tokenizer.added_tokens_encoder)).finditer(text):
+    for m in _markers(_added(tokenizer)).finditer(text):
         pieces.append((pos, m.start(), False))
         if m.group(1) is not None:
             pieces.append((m.start(1), m.end(1), True))
@@ -192,7 +196,7 @@ def _split(offsets: list[tuple[int, int]] | None, at: int) -> int | None:
     return j
 
 
-def _labelled(tokenizer, ex: Example, tokens: Tokens, special: Special) -> tuple[list[int], list[bool]]:
+def _labelled(tokenizer, ex: Example, tokens: Tokens) -> tuple[list[int], list[bool]]:
     """The example's ids and, per id, whether it is trained; cut where its spans start and end.
 
     `tokens` are the whole text's; they are cut where a token boundary marks a cut. A prompt's end
@@ -227,7 +231,9 @@ def _labelled(tokenizer, ex: Example, tokens: Tokens, special: Special) -> tuple
             # A span ends inside a token (Phi-3's `<|end|>` takes in the newline after it): the
             # token belongs to the span, and the whole text's tokens go on unchanged.
             j = sum(1 for a, _ in cur_offs if a < cut)
-        if j is not None and not (prompt_end and (not whole or _run_may_split(tokenizer, special, ex.text[:cut]))):
+        if j is not None and not (
+            prompt_end and (not whole or _run_may_split(tokenizer, ex.text[:cut], ex.text[cut:]))
+        ):
             seg, cur_ids, cur_offs = cur_ids[:j], cur_ids[j:], cur_offs[j:]
         else:
             if prompt_end:  # what inference tokenizes: the text before the cut, alone
@@ -271,7 +277,7 @@ def _turns_apart(ex: Example) -> list[Example]:
 def _encode_one(tokenizer, ex: Example, tokens: Tokens | None, special: Special, max_length: int) -> Encoded | str:
     if tokens is None:
         tokens = encode_marked(tokenizer, ex.text) if ex.templated else encode_texts(tokenizer, [ex.text], True)[0]
-    ids, trained = _labelled(tokenizer, ex, tokens, special)
+    ids, trained = _labelled(tokenizer, ex, tokens)
     labels = [t if on else IGNORE for t, on in zip(ids, trained)]
     if not ex.templated:
         ids = [*special.prefix, *ids, special.eos]
