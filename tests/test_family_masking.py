@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from oracle import check_chat, check_plain
 
 from sft_ray.data.chat import build_chat, control_pattern, training_variant
-from sft_ray.data.formats import MARK_END, MARK_START, render_record
+from sft_ray.data.formats import MARK_END, MARK_START, BadRow, render_record
 from sft_ray.data.tokenize import Encoded, encode_batch, special_ids
 
 MARKERS = MARK_START + MARK_END  # dropped from data, as transformers does
@@ -233,3 +233,12 @@ def test_a_later_turn_truncated_away_drops_alone():
     table = encoder.encode([row]).to_pylist()
     assert [(r["part"], r["drop_reason"]) for r in table] == [(0, ""), (1, "no_trained_tokens_after_truncation")]
     assert table[0]["truncated"] and table[0]["n_trained"] > 0 and "Two plus two." in tok.decode(table[0]["input_ids"])
+
+
+def test_reasoning_in_non_thinking_mode_is_refused_naming_the_mode():
+    tok = family("qwen3")
+    chat = build_chat(tok, None, {"enable_thinking": False})
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "Add."}]
+    with pytest.raises(BadRow, match="enable_thinking") as err:
+        render_record({"messages": msgs}, "messages", {}, chat)
+    assert err.value.reason == "template_mismatch"

@@ -243,7 +243,13 @@ def _turn(chat: Chat, msgs: list[dict], tools, i: int) -> tuple[str, str, str]:
             f"the chat template renders assistant message {i} after a different prompt than its generation "
             f"prompt: from character {n} the generation prompt goes on with {head[n : n + 30]!r}, the rendered "
             f"turn with {full[n : n + 30]!r}"
-            + (f" (the reply must start with {head[n:]!r})" if head[n:].strip() and len(head) - n < 20 else ""),
+            + (f" (the reply must start with {head[n:]!r})" if head[n:].strip() and len(head) - n < 20 else "")
+            + (
+                "; a reply with reasoning after a prompt that closes the reasoning block cannot be trained "
+                "(data.chat_template_kwargs, e.g. enable_thinking, sets the mode)"
+                if "think>" in head[n:] + full[n : n + 30]
+                else ""
+            ),
         )
     turn = full[len(head) :]
     trained = turn.rstrip()

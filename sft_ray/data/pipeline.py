@@ -77,7 +77,7 @@ def check_sources(cfg: Config) -> list[dict]:
             if not storage.exists(src.path):
                 raise DataError(f"data.{split}[{i}].path: no such file or folder: {src.path}")
     if cfg.data.chat_template not in (None, "chatml") and not storage.exists(cfg.data.chat_template):
-        raise DataError(f"data.chat_template: no such file: {cfg.data.chat_template}")
+        raise DataError(f"data.chat_template: no such file: {cfg.data.chat_template} (the built-in is `chatml`)")
     return out
 
 
@@ -334,9 +334,12 @@ def check_trainable(manifest: dict, cfg: Config, where: str) -> None:
             + f"\nfix the data, or set data.on_bad_row=skip to drop such rows; manifest: {where}"
         )
     if splits["train"]["trained_tokens"] == 0:
+        too_long = "no_trained_tokens_after_truncation" in splits["train"]["rows_dropped"]
         raise DataError(
             f"the train split has no trained tokens ({splits['train']['rows_read']} rows read, "
-            f"dropped: {splits['train']['rows_dropped'] or 'none'}); nothing to learn from. Manifest: {where}"
+            f"dropped: {splits['train']['rows_dropped'] or 'none'}); nothing to learn from"
+            + (f"; prompts reach data.max_length={cfg.data.max_length}: raise it" if too_long else "")
+            + f". Manifest: {where}"
         )
     read = sum(s["rows_read"] for s in splits.values())
     dropped = sum(sum(s["rows_dropped"].values()) for s in splits.values())
@@ -384,9 +387,9 @@ def _describe(manifest: dict) -> str:
             f"; {s['extra_turn_examples']} chat turns as examples of their own (the template rewrites earlier turns)"
         )
     if s.get("rows_with_control_token_text"):
-        text += (
-            f"; {s['rows_with_control_token_text']} rows spell a control token, tokenized as text "
-            "(for chat already rendered into text, use format: messages)"
+        plain = any(src["format"] != "messages" for src in manifest["sources"])
+        text += f"; {s['rows_with_control_token_text']} rows spell a control token, tokenized as text" + (
+            " (for chat already rendered into text, use format: messages)" if plain else ""
         )
     return text
 
