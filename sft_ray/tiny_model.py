@@ -70,15 +70,22 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 1024):
 
 
 def build_tiny_model(
-    out_dir: str | Path, seed: int = 0, hidden_size: int = 128, num_hidden_layers: int = 2, intermediate_size: int = 256
+    out_dir: str | Path,
+    seed: int = 0,
+    hidden_size: int = 128,
+    num_hidden_layers: int = 2,
+    intermediate_size: int = 256,
+    tokenizer=None,
 ) -> Path:
     """Write tokenizer files and a random Llama to `out_dir` (~1M parameters at the default size;
-    benchmarks/train_bench.py builds a larger one so a step is mostly matrix products)."""
+    benchmarks/train_bench.py builds a larger one so a step is mostly matrix products). `tokenizer`:
+    another one than the byte-level BPE built here (tests build them like real families')."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
-    tok = build_tokenizer(seed)
+    tok = tokenizer if tokenizer is not None else build_tokenizer(seed)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     cfg = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden_size,
@@ -89,13 +96,13 @@ def build_tiny_model(
         max_position_embeddings=2048,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        pad_token_id=pad_id,
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(torch.float32)
     model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=pad_id
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -318,32 +318,7 @@ def build_family_tokenizer(name: str):
 
 
 def build_family_model_dir(name: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Save the family tokenizer plus a tiny random Llama (like `sft_ray.tiny_model.build_tiny_model`)."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    """Save the family tokenizer plus a tiny random Llama (hidden 64, 2 layers) for it."""
+    from sft_ray.tiny_model import build_tiny_model
 
-    out = Path(out_dir)
-    tok = build_family_tokenizer(name)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=pad_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=pad_id
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return build_tiny_model(out_dir, seed, 64, 2, 128, tokenizer=build_family_tokenizer(name))
