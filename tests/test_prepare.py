@@ -56,6 +56,10 @@ def test_prepare_writes_parquet_and_manifest(tmp_path, tiny_model, tokenizer, ra
     assert _trained_texts(tokenizer, table) == [r["output"] + "<|im_end|>" for r in ROWS]
     layout = manifest["layout"]
     assert layout["real_tokens"] == stats["tokens"] and layout["computed_tokens"] >= layout["real_tokens"]
+    # The data stage holds no training setting: another batch size reuses the same preparation,
+    # whose layout must not be the other run's (it said "batches of 8" for a run of 2).
+    cfg.train.per_device_batch_size = 2
+    assert prepare(cfg, str(tmp_path / "again"))[1]["layout"] == layout and "for reference" in layout["note"]
 
     hf = datasets.load_dataset("parquet", data_files=glob.glob(f"{out}/train/*.parquet"))["train"]
     assert hf.num_rows == 30 and hf[0]["input_ids"] == table["input_ids"][0].as_py()

@@ -36,6 +36,7 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
+REFERENCE_BATCH = 8  # the padded layout the manifest reports (see _layout)
 PACK_BLOCK_ROWS = 8192  # examples packed together; large enough for ~99% fill, small enough to stream
 SPLITS = ("train", "eval")
 
@@ -230,15 +231,16 @@ def _layout(cfg: Config, lengths: list[int]) -> dict:
             "real_fraction": real / computed if computed else 0.0,
             "note": "packed rows of max_length",
         }
-    b = cfg.train.per_device_batch_size
-    computed = padded_tokens(lengths, b, cfg.data.seed)
+    # A fixed reference batch, not the run's: the prepared data is reused by runs with other batch
+    # sizes (training settings are not in the cache key). A run logs its own `real_tokens_fraction`.
+    computed = padded_tokens(lengths, REFERENCE_BATCH, cfg.data.seed)
     return {
         "packing": False,
         "rows": len(lengths),
         "real_tokens": real,
         "computed_tokens": computed,
         "real_fraction": real / computed if computed else 0.0,
-        "note": f"shuffled batches of {b} padded to their longest row, rounded up to 8",
+        "note": f"for reference: shuffled batches of {REFERENCE_BATCH} padded to their longest row, rounded up to 8",
     }
 
 
