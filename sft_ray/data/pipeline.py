@@ -204,8 +204,14 @@ def _write_split(rows, cfg: Config, split: str, out_dir: str) -> list[int]:
     kept = kept.materialize()
     if kept.count():
         kept.write_parquet(storage.join(out_dir, split))
-    tables = [ray.get(ref) for ref in kept.to_arrow_refs()]
-    return [n for t in tables if t.num_rows for n in pc.list_value_length(t["input_ids"]).to_pylist()]
+    # Only the lengths come to the driver: on a cluster the rows would travel to the head node.
+    lengths = kept.map_batches(_lengths, batch_format="pyarrow", batch_size=None)
+    tables = [ray.get(ref) for ref in lengths.to_arrow_refs()]
+    return [n for t in tables if t.num_rows for n in t["n"].to_pylist()]  # an empty block keeps its schema
+
+
+def _lengths(batch: pa.Table) -> pa.Table:
+    return pa.table({"n": pc.list_value_length(batch["input_ids"])})
 
 
 def padded_tokens(lengths: list[int], batch_size: int, seed: int, multiple: int = 8) -> int:
