@@ -6,10 +6,11 @@ falls back to a default. The tree travels to Ray workers as a plain dict.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -193,12 +194,30 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+def _keys_beside(loc: tuple) -> list[str]:
+    """The valid keys of the section that holds the key at `loc`."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        if isinstance(part, int) or part not in model.model_fields:
+            continue  # a list index or a dict key (sweep dimensions)
+        inner = [model.model_fields[part].annotation]
+        while inner and not (isinstance(inner[0], type) and issubclass(inner[0], BaseModel)):
+            inner = [*inner[1:], *get_args(inner[0])]  # unwrap `X | None`, `list[X]`, `dict[str, X]`
+        if not inner:
+            return []
+        model = inner[0]
+    return list(model.model_fields)
+
+
 def _format_errors(err: ValidationError, source: str, overrides: list[str]) -> str:
     given = {item.partition("=")[0].strip(): item for item in overrides}
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(e["loc"][-1]), _keys_beside(e["loc"]), n=1)
+            msg = "unknown key" + (f" (did you mean {close[0]}?)" if close else "")
         # A value from the command line is blamed on the command line, not on the file.
         origin = next((f" (from the override {given[k]})" for k in given if key == k or key.startswith(k + ".")), "")
         lines.append(f"  {key}: {msg}{origin}")

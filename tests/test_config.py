@@ -107,3 +107,13 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_reserved_name(tmp_path):
     with pytest.raises(ConfigError, match="reserved"):
         load_config(_write(tmp_path, BASE), ["name=datasets"])
+
+
+def test_an_unknown_key_suggests_the_close_one(tmp_path):
+    text = BASE.replace("format: instruction}", "formt: instruction}") + "quantization: {quant_typ: nf4}\n"
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, text), ["data.chat_template_kwarg={enable_thinking: false}"])
+    message = str(err.value)
+    assert "data.train.0.formt: unknown key (did you mean format?)" in message
+    assert "quantization.quant_typ: unknown key (did you mean quant_type?)" in message
+    assert "data.chat_template_kwarg: unknown key (did you mean chat_template_kwargs?) (from the override" in message
