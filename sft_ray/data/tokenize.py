@@ -139,8 +139,8 @@ def _after_newline(tokenizer, text: str, start: int, as_text: bool) -> Tokens:
     Tokenized after a newline, which is then removed: SentencePiece adds its prefix space only at
     the start of a text (transformers' `encode_marked_chat` does the same).
     """
-    [(nl, _)] = encode_texts(tokenizer, ["\n"], as_text)
-    [(ids, offs)] = encode_texts(tokenizer, ["\n" + text], as_text)
+    nl, (ids, offs) = encode_texts(tokenizer, ["\n", "\n" + text], as_text)
+    nl = nl[0]
     shift = start - 1
     if ids[: len(nl)] != nl:
         [(ids, offs)] = encode_texts(tokenizer, [text], as_text)
@@ -196,6 +196,14 @@ def _split(offsets: list[tuple[int, int]] | None, at: int) -> int | None:
     return j
 
 
+def _encode_from(tokenizer, ex: Example, text: str, start: int) -> Tokens:
+    """`text`, which starts at character `start` of `ex`, tokenized as `ex`'s whole text is: chat
+    with its marked control-token text, the plain formats with all special tokens as text."""
+    if ex.templated:
+        return encode_marked(tokenizer, text, start)
+    return _after_newline(tokenizer, text, start, True) if start else encode_texts(tokenizer, [text], True)[0]
+
+
 def _labelled(tokenizer, ex: Example, tokens: Tokens) -> tuple[list[int], list[bool]]:
     """The example's ids and, per id, whether it is trained; cut where its spans start and end.
 
@@ -205,19 +213,12 @@ def _labelled(tokenizer, ex: Example, tokens: Tokens) -> tuple[list[int], list[b
     a run of whitespace this tokenizer may split differently alone (_run_may_split). Where they
     differ, the prompt's ids win and the rest is tokenized as its continuation.
     """
-    as_text = not ex.templated
 
     def alone(text: str, start: int = 0) -> list[int]:
-        if not as_text:
-            return encode_marked(tokenizer, text, start)[0]
-        return (_after_newline(tokenizer, text, start, True) if start else encode_texts(tokenizer, [text], True)[0])[0]
+        return _encode_from(tokenizer, ex, text, start)[0]
 
     def rest(cut: int) -> Tokens:
-        return (
-            encode_marked(tokenizer, ex.text[cut:], cut)
-            if not as_text
-            else _after_newline(tokenizer, ex.text[cut:], cut, True)
-        )
+        return _encode_from(tokenizer, ex, ex.text[cut:], cut)
 
     starts = {a for a, _ in ex.spans}
     ids, trained = [], []
@@ -275,9 +276,7 @@ def _turns_apart(ex: Example) -> list[Example]:
 
 
 def _encode_one(tokenizer, ex: Example, tokens: Tokens | None, special: Special, max_length: int) -> Encoded | str:
-    if tokens is None:
-        tokens = encode_marked(tokenizer, ex.text) if ex.templated else encode_texts(tokenizer, [ex.text], True)[0]
-    ids, trained = _labelled(tokenizer, ex, tokens)
+    ids, trained = _labelled(tokenizer, ex, tokens or _encode_from(tokenizer, ex, ex.text, 0))
     labels = [t if on else IGNORE for t, on in zip(ids, trained)]
     if not ex.templated:
         ids = [*special.prefix, *ids, special.eos]
