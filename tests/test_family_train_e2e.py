@@ -72,16 +72,14 @@ def test_family_trains_end_to_end(tmp_path, ray_local, family, rows, kwargs):
     prepared, manifest = prepare(cfg)
     tok = AutoTokenizer.from_pretrained(model)
     # Every prepared row's prompt is what the model is given at inference (rows keep their order).
-    examples = [r for r in _first_rows(prepared, 100)]
+    examples = _first_rows(prepared, 100)
     turns = [(row, i) for row in data for i, m in enumerate(row["messages"]) if m["role"] == "assistant"]
+    # Qwen3 drops earlier reasoning: each of its two turns is an example of its own; Mistral's rows
+    # have one turn each.
+    extra = 48 if family == "qwen3" else 0
     split = manifest["splits"]["train"]
-    if family == "qwen3":  # the template drops earlier reasoning: each turn is its own example
-        assert split["extra_turn_examples"] == 48 and split["examples"] == 96 and len(examples) == 96
-        pairs = list(zip(examples, turns))
-    else:  # one assistant turn per conversation, prefix-preserving: one example each
-        assert split["extra_turn_examples"] == 0 and len(examples) == 48
-        pairs = list(zip(examples, turns))
-    for ex, (row, i) in pairs[:20]:
+    assert split["extra_turn_examples"] == extra and split["examples"] == len(examples) == 48 + extra
+    for ex, (row, i) in list(zip(examples, turns))[:20]:
         first = next(k for k, lab in enumerate(ex["labels"]) if lab != -100)
         prompt = tok.apply_chat_template(
             row["messages"][:i], add_generation_prompt=True, tokenize=True, return_dict=False, **kwargs

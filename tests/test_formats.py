@@ -46,29 +46,22 @@ def trained_text(tokenizer, enc) -> list[str]:
     return [tokenizer.decode(enc.input_ids[a:b]) for a, b in spans(enc.labels)]
 
 
+PLAIN = {  # format -> (prompt fields, response field)
+    "instruction": (("question", "input"), "output"),
+    "alpaca": (("instruction", "input"), "output"),
+    "prompt_completion": (("prompt",), "completion"),
+}
+
+
+@pytest.mark.parametrize("fmt", list(PLAIN))
 @SETTINGS
-@given(question=texts, extra=texts, output=responses)
-def test_instruction(tokenizer, question, extra, output):
-    record = {"question": question, "input": extra, "output": output}
-    [enc] = encode(tokenizer, record, "instruction")
-    check_plain(tokenizer, "instruction", record, enc)
-    assert trained_text(tokenizer, enc) == [output + EOS]
-
-
-@SETTINGS
-@given(instruction=texts, extra=texts, output=responses)
-def test_alpaca(tokenizer, instruction, extra, output):
-    record = {"instruction": instruction, "input": extra, "output": output}
-    [enc] = encode(tokenizer, record, "alpaca")
-    check_plain(tokenizer, "alpaca", record, enc)
-
-
-@SETTINGS
-@given(prompt=texts, completion=responses)
-def test_prompt_completion(tokenizer, prompt, completion):
-    record = {"prompt": prompt, "completion": completion}
-    [enc] = encode(tokenizer, record, "prompt_completion")
-    check_plain(tokenizer, "prompt_completion", record, enc)
+@given(data=st.data())
+def test_plain_formats(tokenizer, fmt, data):
+    prompt_fields, response_field = PLAIN[fmt]
+    record = {f: data.draw(texts) for f in prompt_fields} | {response_field: data.draw(responses)}
+    [enc] = encode(tokenizer, record, fmt)
+    check_plain(tokenizer, fmt, record, enc)
+    assert trained_text(tokenizer, enc) == [record[response_field] + EOS]
 
 
 @SETTINGS
