@@ -26,8 +26,7 @@ FAMILIES = (
     "smollm2",
 )
 
-BYTE_LEVEL = ("llama3", "qwen2_5", "qwen3", "deepseek_r1_distill_qwen", "smollm2")
-SENTENCEPIECE = ("mistral_v03", "gemma", "phi3")
+BYTE_LEVEL = ("llama3", "qwen2_5", "qwen3", "deepseek_r1_distill_qwen", "smollm2")  # the others are SentencePiece-style
 
 LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
