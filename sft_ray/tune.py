@@ -110,7 +110,7 @@ def _param_space(cfg: Config) -> dict:
     return space
 
 
-def _run_trial(params: dict, tree: dict, datasets: dict, manifest: dict) -> None:
+def _run_trial(params: dict, tree: dict, prepared: str, manifest: dict) -> None:
     """One trial: a Ray Train run whose every report becomes a Tune result.
 
     Runs in the trial's Tune actor. When a scheduler stops the trial, this actor is killed and
@@ -123,7 +123,7 @@ def _run_trial(params: dict, tree: dict, datasets: dict, manifest: dict) -> None
     from sft_ray.train.driver import fit
 
     cfg = trial_config(tree, trial_name(tree["name"], tune.get_context().get_trial_id()), params)
-    fit(cfg, datasets, manifest, worker_cpus=WORKER_CPUS, callbacks=[TuneReportCallback()], async_upload=False)
+    fit(cfg, prepared, manifest, worker_cpus=WORKER_CPUS, callbacks=[TuneReportCallback()], async_upload=False)
 
 
 def _trial_dirname(trial) -> str:
@@ -306,17 +306,13 @@ def sweep(cfg: Config) -> dict:
 
     from sft_ray.data.pipeline import prepare
     from sft_ray.ray_runtime import ensure_ray
-    from sft_ray.train.driver import load_splits
 
     check_space(cfg)
     storage.check_writable(cfg.storage.path)
     ensure_ray()
     prepared, manifest = prepare(cfg)
-    # Materialized here, once: a trial reading parquet itself would wait for a CPU that the
-    # Train workers of the running trials hold.
-    datasets = load_splits(prepared, manifest)
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, tree=cfg.model_dump(mode="json"), datasets=datasets, manifest=manifest),
+        tune.with_parameters(_run_trial, tree=cfg.model_dump(mode="json"), prepared=prepared, manifest=manifest),
         {"CPU": TRIAL_FN_CPUS},
     )
     sweep_dir = storage.join(cfg.storage.path, cfg.name)

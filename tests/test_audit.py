@@ -6,7 +6,7 @@ from sft_ray.data.audit import runs
 
 
 def test_runs_split_on_label_state_and_packing_boundaries():
-    assert runs([1, 2, 3, 4, 5], [-100, -100, 3, 4, -100], [0, 1, 2, 0, 1]) == [
+    assert runs([1, 2, 3, 4, 5], [-100, -100, 3, 4, -100], [3, 2]) == [
         ("prompt", [1, 2]),
         ("trained", [3]),
         ("boundary", []),

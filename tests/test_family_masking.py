@@ -228,7 +228,7 @@ def test_a_later_turn_truncated_away_drops_alone():
         {"role": "assistant", "content": "6", "reasoning_content": "Three plus three."},
     ]
     spec = {"format": "messages", "fields": {}, "train_on": "all_assistant"}
-    encoder = Encoder([spec], tok, "", False, 60, None, {"enable_thinking": True}, 0.0, 0)
+    encoder = Encoder([spec], tok, "", False, 60, None, {"enable_thinking": True})
     row = {"raw": json.dumps({"messages": msgs}), "bad_utf8": False, "spec": 0, "split": "train", "where": "a:1"}
     table = encoder.encode([row]).to_pylist()
     assert [(r["part"], r["drop_reason"]) for r in table] == [(0, ""), (1, "no_trained_tokens_after_truncation")]

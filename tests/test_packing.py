@@ -22,20 +22,20 @@ def test_bfd_is_tight_on_a_known_case():
 
 @settings(max_examples=100, deadline=None)
 @given(rows=st.lists(st.lists(st.integers(0, 500), min_size=1, max_size=30), min_size=1, max_size=80))
-def test_pack_table_keeps_examples_whole_and_resets_positions(rows):
+def test_pack_table_keeps_examples_whole_with_their_lengths(rows):
     import pyarrow as pa
 
     labels = [[-100] + r[1:] for r in rows]
     table = pa.table({"input_ids": rows, "labels": labels})
     packed = pack_table(table, 40)
     seen = []
-    for ids, labs, pos in zip(*(packed[c].to_pylist() for c in ("input_ids", "labels", "position_ids"))):
-        assert len(ids) == len(labs) == len(pos) <= 40
-        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
-        assert starts[0] == 0
-        for a, b in zip(starts, starts[1:]):
-            assert pos[a:b] == list(range(b - a))  # positions restart at 0 for every example
-            seen.append((ids[a:b], labs[a:b]))
+    assert packed.schema.field("input_ids").type == pa.list_(pa.int32())
+    for ids, labs, lengths in zip(*(packed[c].to_pylist() for c in ("input_ids", "labels", "seq_lengths"))):
+        assert len(ids) == len(labs) == sum(lengths) <= 40
+        a = 0
+        for n in lengths:  # the examples of a row, whole and in order
+            seen.append((ids[a : a + n], labs[a : a + n]))
+            a += n
     assert sorted(seen) == sorted(zip(rows, labels))  # every example once, whole, labels with it
     real = sum(map(len, rows))
     assert sum(len(x) for x in packed["input_ids"].to_pylist()) == real

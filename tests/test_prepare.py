@@ -225,11 +225,11 @@ def test_eval_carved_from_train_and_packing(tmp_path, tiny_model, tokenizer, ray
     n_eval = manifest["splits"]["eval"]["rows_written"]
     assert 20 <= n_eval <= 60 and manifest["splits"]["train"]["rows_kept"] == 200 - n_eval
     packed = pq.read_table(f"{out}/train")
-    assert packed.column_names == ["input_ids", "labels", "position_ids"]
+    assert packed.column_names == ["input_ids", "labels", "seq_lengths"]  # lengths, not a position per token
     examples = []
-    for ids, labs, pos in zip(*(packed[c].to_pylist() for c in packed.column_names)):
-        assert len(ids) <= 128
-        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+    for ids, labs, lengths in zip(*(packed[c].to_pylist() for c in packed.column_names)):
+        assert len(ids) == sum(lengths) <= 128
+        starts = [sum(lengths[:k]) for k in range(len(lengths) + 1)]
         examples += [
             tokenizer.decode([t for t, x in zip(ids[a:b], labs[a:b]) if x != -100]) for a, b in zip(starts, starts[1:])
         ]

@@ -184,6 +184,10 @@ def test_qlora_two_workers_awkward_row_count(tmp_path, tiny_model, ray_local, pa
     assert summary["global_step"] == 4
     manifest = json.loads(next((tmp_path / "storage" / "datasets").glob("*/manifest.json")).read_text())
     assert manifest["layout"]["rows"] == (7 if packing else 13)
+    # Each worker held its own contiguous share, memory-mapped, and filler up to whole batches of
+    # the same count on both: 6 + 7 rows padded to 8 each (batches of 4), or 3 + 4 packed rows to 4.
+    shares = [(s["rank"], s["rows"], s["filler"], s["memory_mapped"]) for s in summary["data_shares"]]
+    assert shares == ([(0, 3, 1, True), (1, 4, 0, True)] if packing else [(0, 6, 2, True), (1, 7, 1, True)])
     tensors = load_file(tmp_path / "storage" / "qlora" / "final" / "adapter_model.safetensors")
     assert any("mlp.down_proj" in k for k in tensors)  # all-linear reached the MLP
     assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)

@@ -98,7 +98,7 @@ def test_packed_batch_loss_equals_separate_examples(tiny_model, tokenizer, tmp_p
     assert loss_of(trainer.data_collator(examples)) == pytest.approx(separate, rel=1e-5)  # padded rows
     # Control: the same row with positions running on (no boundaries) gives a different loss,
     # so the equality above is not an accident of the data.
-    leaky = [{**one_row[0], "position_ids": list(range(len(one_row[0]["input_ids"])))}]
+    leaky = [{**one_row[0], "seq_lengths": [len(one_row[0]["input_ids"])]}]
     assert loss_of(trainer.data_collator(leaky)) != pytest.approx(separate, rel=1e-3)
 
     # Several packed rows of different fill in one batch: the padding attends to nothing and trains

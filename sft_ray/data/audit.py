@@ -8,6 +8,7 @@ shown is exactly what the tokens decode to (no per-token mojibake for multi-byte
 from __future__ import annotations
 
 import html
+import itertools
 import os
 
 import pyarrow.parquet as pq
@@ -17,11 +18,12 @@ from sft_ray import storage
 TRAINED, PROMPT, RESET, BOUNDARY = "\x1b[30;42m", "\x1b[2m", "\x1b[0m", "\x1b[1;35m|\x1b[0m"
 
 
-def runs(input_ids: list[int], labels: list[int], position_ids: list[int] | None = None) -> list[tuple[str, list[int]]]:
-    """Split a row into runs: ("trained" | "prompt" | "boundary", token ids)."""
+def runs(input_ids: list[int], labels: list[int], seq_lengths: list[int] | None = None) -> list[tuple[str, list[int]]]:
+    """Split a row into runs: ("trained" | "prompt" | "boundary", token ids); a boundary between packed examples."""
     out: list[tuple[str, list[int]]] = []
+    starts = set(itertools.accumulate(seq_lengths[:-1])) if seq_lengths else set()
     for i, (t, lab) in enumerate(zip(input_ids, labels)):
-        if position_ids is not None and i > 0 and position_ids[i] == 0:
+        if i in starts:
             out.append(("boundary", []))
         kind = "trained" if lab != -100 else "prompt"
         if out and out[-1][0] == kind:
@@ -35,7 +37,7 @@ def decoded_runs(tokenizer, row: dict) -> list[tuple[str, str]]:
     """(kind, text) per run, each run's text being what it adds to the decoded row so far: decoded
     alone, a run's first `▁` (SentencePiece) would be dropped and the display would lose a space."""
     out, ids, before = [], [], ""
-    for kind, run in runs(row["input_ids"], row["labels"], row.get("position_ids")):
+    for kind, run in runs(row["input_ids"], row["labels"], row.get("seq_lengths")):
         ids += run
         text = tokenizer.decode(ids)
         out.append((kind, text[len(before) :] if text.startswith(before) else tokenizer.decode(run)))
@@ -43,10 +45,18 @@ def decoded_runs(tokenizer, row: dict) -> list[tuple[str, str]]:
     return out
 
 
-def _rows(prepared: str, n: int) -> list[dict]:
-    fs, path = storage.filesystem(storage.join(prepared, "train"))
-    table = pq.read_table(path, filesystem=fs)
-    return table.slice(0, n).to_pylist()
+def _rows(prepared: str, manifest: dict, n: int) -> list[dict]:
+    """The first n train rows, reading only the row groups that hold them (not the whole split)."""
+    out: list[dict] = []
+    for f in manifest["splits"]["train"]["files"]:
+        fs, path = storage.filesystem(storage.join(prepared, "train", f["name"]))
+        with fs.open_input_file(path) as fh:
+            pf = pq.ParquetFile(fh)
+            for g in range(pf.num_row_groups):
+                out += pf.read_row_group(g).slice(0, n - len(out)).to_pylist()
+                if len(out) >= n:
+                    return out
+    return out
 
 
 def report_lines(manifest: dict) -> list[str]:
@@ -133,7 +143,7 @@ def audit(cfg, n: int = 5, html_path: str | None = None, color: bool | None = No
 
     prepared, manifest = prepare(cfg)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, template_text(cfg.data.chat_template))
-    rows = _rows(prepared, n)
+    rows = _rows(prepared, manifest, n)
     if html_path:
         tmp = f"{html_path}.tmp"
         with open(tmp, "w") as f:

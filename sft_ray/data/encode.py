@@ -1,19 +1,15 @@
-"""The Ray Data actor that turns raw records into token ids and labels."""
+"""Raw records -> token ids and labels, one batch at a time (inside the preparation actors)."""
 
 from __future__ import annotations
 
-import itertools
 import json
-from collections.abc import Iterator
 
 import pyarrow as pa
 
 from sft_ray.data.chat import build_chat, control_pattern
 from sft_ray.data.formats import BadRow, render_record
-from sft_ray.data.sources import read_chunk
 from sft_ray.data.tokenize import IGNORE, Encoded, encode_batch, special_ids
 
-BATCH_ROWS = 512
 SCHEMA = pa.schema(
     [
         ("split", pa.string()),
@@ -66,8 +62,6 @@ class Encoder:
         max_length: int,
         chat_template: str | None,
         chat_template_kwargs: dict,
-        eval_fraction: float,
-        seed: int,
     ):
         """`tokenizer`: the driver's own, unpickled here (about 1 s: no torch import, where
         `AutoTokenizer` costs about 7 CPU-s per actor). None for remote-code tokenizers, whose
@@ -80,7 +74,6 @@ class Encoder:
         self.tokenizer = tokenizer
         self.special = special_ids(self.tokenizer)
         self.max_length = max_length
-        self.eval_fraction, self.seed = eval_fraction, seed
         self.control = control_pattern(self.tokenizer)
         self.chat = None
         if any(s["format"] == "messages" for s in specs):
@@ -89,13 +82,6 @@ class Encoder:
     def _examples(self, raw: str, bad_utf8: bool, spec: dict):
         record = parse(raw, bad_utf8)
         return render_record(record, spec["format"], spec["fields"], self.chat, spec["train_on"], self.control)
-
-    def __call__(self, chunks: pa.Table) -> Iterator[pa.Table]:
-        """Read each chunk here and encode it in batches: no raw-row blocks go through the object store."""
-        for chunk in chunks.to_pylist():
-            rows = read_chunk(chunk, self.eval_fraction, self.seed)
-            while batch := list(itertools.islice(rows, BATCH_ROWS)):
-                yield self.encode(batch)
 
     def encode(self, rows: list[dict]) -> pa.Table:
         examples, owner, errors = [], [], {}

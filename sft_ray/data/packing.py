@@ -1,14 +1,18 @@
 """Best-fit-decreasing packing of tokenized examples into rows of at most `max_length` tokens.
 
-No example is split. Each packed row carries `position_ids` that restart at 0 at every example,
-which is what lets attention stay inside each example (block-diagonal mask or varlen kernels).
+No example is split. Each packed row carries `seq_lengths`, the lengths of its examples in order:
+the collator rebuilds `position_ids` that restart at 0 at every example from them, which is what
+lets attention stay inside each example (block-diagonal mask or varlen kernels). Lengths take a
+few int32 per row where positions would take one per token.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -33,24 +37,19 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def pack_table(table: pa.Table, max_length: int) -> pa.Table:
-    """Pack rows of `input_ids`/`labels` into rows with `input_ids`, `labels`, `position_ids`."""
-    ids = table["input_ids"].to_pylist()
-    labels = table["labels"].to_pylist()
-    out_ids, out_labels, out_pos = [], [], []
-    for members in best_fit_decreasing([len(x) for x in ids], max_length):
-        row_ids, row_labels, row_pos = [], [], []
-        for i in members:
-            row_ids += ids[i]
-            row_labels += labels[i]
-            row_pos += range(len(ids[i]))
-        out_ids.append(row_ids)
-        out_labels.append(row_labels)
-        out_pos.append(row_pos)
-    int_list = pa.list_(pa.int32())
+    """Pack rows of `input_ids`/`labels` into rows with `input_ids`, `labels`, `seq_lengths`."""
+    lengths = pc.list_value_length(table["input_ids"]).to_pylist()
+    bins = best_fit_decreasing(lengths, max_length)
+    order = pa.array([i for members in bins for i in members], pa.int64())
+    row_lengths = [sum(lengths[i] for i in members) for members in bins]
+    offsets = pa.array([0, *itertools.accumulate(row_lengths)], pa.int32())
+    # The examples in bin order, flattened, then cut into rows: no Python list per token.
+    ids = pc.take(table["input_ids"], order).combine_chunks().flatten().cast(pa.int32())
+    labels = pc.take(table["labels"], order).combine_chunks().flatten().cast(pa.int32())
     return pa.table(
         {
-            "input_ids": pa.array(out_ids, int_list),
-            "labels": pa.array(out_labels, int_list),
-            "position_ids": pa.array(out_pos, int_list),
+            "input_ids": pa.ListArray.from_arrays(offsets, ids),
+            "labels": pa.ListArray.from_arrays(offsets, labels),
+            "seq_lengths": pa.array([[lengths[i] for i in members] for members in bins], pa.list_(pa.int32())),
         }
     )

@@ -1,6 +1,7 @@
 """Batching prepared rows: padded rows, or packed rows.
 
-Packed rows carry `position_ids` that restart at every example and go in with no attention mask,
+Packed rows carry `seq_lengths`, from which the collator builds `position_ids` that restart at
+every example; they go in with no attention mask,
 so transformers derives a block-diagonal mask from the position ids and no example attends to
 another. With a varlen kernel (flash attention) a batch is flattened padding-free into one
 sequence; with SDPA or eager attention it stays [batch, longest row]: a flattened batch would
@@ -11,11 +12,6 @@ by benchmarks/train_bench.py).
 from __future__ import annotations
 
 IGNORE = -100
-
-
-def seq_lengths(position_ids: list[int]) -> list[int]:
-    starts = [i for i, p in enumerate(position_ids) if p == 0] + [len(position_ids)]
-    return [b - a for a, b in zip(starts, starts[1:])]
 
 
 def packed_rows(examples: list[dict], pad_token_id: int) -> dict:
@@ -30,7 +26,7 @@ def packed_rows(examples: list[dict], pad_token_id: int) -> dict:
         k = len(e["input_ids"])
         ids[i, :k] = torch.tensor(e["input_ids"])
         labels[i, :k] = torch.tensor(e["labels"])
-        positions[i, :k] = torch.tensor(e["position_ids"])
+        positions[i, :k] = torch.cat([torch.arange(n) for n in e["seq_lengths"]])
     # An example's first token has no predecessor of its own: its label would be predicted from the
     # previous example's last token (TRL's padding-free collator masks it the same way).
     labels[positions == 0] = IGNORE
@@ -44,7 +40,7 @@ def make_collator(pad_token_id: int, flatten_packed: bool = False):
     packed = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True, pad_to_multiple_of=8)
 
     def collate(examples: list[dict]) -> dict:
-        if "position_ids" not in examples[0]:
+        if "seq_lengths" not in examples[0]:
             return padded([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
         if not flatten_packed:
             return packed_rows(examples, pad_token_id)
@@ -53,7 +49,7 @@ def make_collator(pad_token_id: int, flatten_packed: bool = False):
                 {
                     "input_ids": e["input_ids"],
                     "labels": e["labels"],
-                    "seq_lengths": seq_lengths(e["position_ids"]),
+                    "seq_lengths": e["seq_lengths"],
                 }
                 for e in examples
             ]
@@ -66,5 +62,5 @@ def filler_rows(n: int, pad_token_id: int, packed: bool) -> dict[str, list]:
     """Rows that train nothing (every label -100): they even out the rows per worker without repeating data."""
     rows = {"input_ids": [[pad_token_id]] * n, "labels": [[IGNORE]] * n}
     if packed:
-        rows["position_ids"] = [[0]] * n
+        rows["seq_lengths"] = [[1]] * n
     return rows

@@ -7,31 +7,11 @@ from __future__ import annotations
 
 import os
 
-import pyarrow.fs as pafs
-
 from sft_ray import storage
 from sft_ray.config import Config
 from sft_ray.data.pipeline import check_sources, prepare
 from sft_ray.ray_runtime import ensure_ray
 from sft_ray.train.final import run_dir, stored_config, stored_summary
-
-# A split up to this size is read by the driver itself: Ray Data's read tasks take 10-20 s to
-# start on a fresh cluster (measured: 18 s against 0.3-2.7 s for the demo's 125 KiB).
-DRIVER_READ_BYTES = 64 << 20
-
-
-def _read_split(prepared: str, split: str, manifest: dict):
-    import pyarrow.parquet as pq
-    import ray
-
-    if manifest["splits"][split]["rows_written"] == 0:
-        return None
-    fs, path = storage.filesystem(storage.join(prepared, split))
-    files = sorted((i.path, i.size) for i in fs.get_file_info(pafs.FileSelector(path)) if i.path.endswith(".parquet"))
-    if sum(size for _, size in files) <= DRIVER_READ_BYTES:
-        return ray.data.from_arrow([pq.read_table(f, filesystem=fs) for f, _ in files])
-    # Materialized before fit(): a lazy read would wait forever for CPUs the workers hold (stack-notes §8.5).
-    return ray.data.read_parquet([f for f, _ in files], filesystem=fs).materialize()
 
 
 def _check_resources(cfg: Config) -> None:
@@ -55,21 +35,9 @@ def _fault_injection() -> dict:
     return {"step": int(step), "rank": int(rank or 0)}
 
 
-def load_splits(prepared: str, manifest: dict) -> dict:
-    """The prepared splits as materialized Ray Datasets, read once and shared by every run that trains on them."""
-    import ray
-
-    # Blocks in file order on every read, or a resumed run would skip other rows than it trained.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    datasets = {"train": _read_split(prepared, "train", manifest)}
-    if (eval_ds := _read_split(prepared, "eval", manifest)) is not None:
-        datasets["eval"] = eval_ds
-    return datasets
-
-
 def fit(
     cfg: Config,
-    datasets: dict,
+    prepared: str,
     manifest: dict,
     worker_cpus: float = 1,
     callbacks: list | None = None,
@@ -77,7 +45,7 @@ def fit(
 ):
     """One Ray Train run on already prepared data; returns the Ray Train Result.
 
-    A sweep calls it once per trial with the same datasets, fewer CPUs per worker so that all
+    A sweep calls it once per trial with the same prepared data, fewer CPUs per worker so that all
     concurrent trials fit, Tune's report callback, and synchronous uploads: then a worker's report
     waits until Tune has taken the one before, so a trial that ASHA stopped halts within a couple
     of reports instead of training on while Tune shuts it down.
@@ -87,14 +55,15 @@ def fit(
 
     from sft_ray.train.worker import train_loop
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    has_eval = manifest["splits"]["eval"]["rows_written"] > 0
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
+            # Each worker reads its own share from here (train/shards.py): no dataset goes through Ray Train.
+            "prepared": prepared,
             "manifest": manifest,
             "fail": _fault_injection(),
-            "has_eval": "eval" in datasets,
             "async_upload": async_upload,
         },
         scaling_config=ray.train.ScalingConfig(
@@ -108,18 +77,11 @@ def fit(
             # Keeps the best by eval loss; Ray always keeps the latest too, for resuming.
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.storage.keep_checkpoints,
-                checkpoint_score_attribute="eval_loss" if "eval" in datasets else None,
+                checkpoint_score_attribute="eval_loss" if has_eval else None,
                 checkpoint_score_order="min",
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
-        ),
-        datasets=datasets,
-        # Every worker gets all rows; Accelerate inside the HF Trainer shards them exactly once.
-        # Rows in the same order on every rank and every attempt: a resumed run skips exactly the
-        # batches it already trained only if the order it skips in is the order it trained in.
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=[], execution_options=ray.data.ExecutionOptions(preserve_order=True)
         ),
     )
     return trainer.fit()
@@ -151,4 +113,4 @@ def train(cfg: Config) -> dict:
     if started_local:
         _check_resources(cfg)
     prepared, manifest = prepare(cfg)
-    return fit(cfg, load_splits(prepared, manifest), manifest).return_value
+    return fit(cfg, prepared, manifest).return_value

@@ -143,9 +143,11 @@ def write_final(
     manifest: dict,
     rates: list[float],
     start_step: int = 0,
+    data_shares: list[dict] | None = None,
 ) -> dict:
     """Write `final/` whole (never half) and return the summary the driver prints."""
     summary = summarize(trainer, before, after, train_metrics, rates, start_step)
+    summary["data_shares"] = data_shares or []  # what each worker held: its own rows, filler, memory-mapped
     samples = [
         {
             "prompt": tokenizer.decode(p["prompt_ids"], skip_special_tokens=True),

@@ -1,8 +1,7 @@
 """What every Ray Train worker runs: TRL's SFTTrainer with a LoRA (or QLoRA) adapter on prepared rows.
 
 Heavy imports (torch, transformers, trl, peft) happen here, inside the worker process.
-Every worker receives all prepared rows and Accelerate shards them (DataConfig(datasets_to_split=[])
-on the driver): Ray and Accelerate must not both shard, or each epoch sees a fraction of the data.
+Each worker reads its own share of the prepared rows from storage (train/shards.py).
 """
 
 from __future__ import annotations
@@ -16,35 +15,6 @@ import tempfile
 from sft_ray import storage
 from sft_ray.config import Config
 from sft_ray.data.tokenize import IGNORE
-
-
-def _to_hf(shard):
-    """Materialize a Ray Data shard as an HF Dataset (SFTTrainer accepts nothing else; stack-notes R9/R10)."""
-    import datasets
-    import pyarrow as pa
-
-    table = pa.concat_tables(list(shard.iter_batches(batch_size=None, batch_format="pyarrow")))
-    return datasets.Dataset(
-        table.select([c for c in ("input_ids", "labels", "position_ids") if c in table.column_names])
-    )
-
-
-def even_out(ds, per_step_rows: int, pad_token_id: int):
-    """Append rows with no trained token so the row count divides by workers x batch size.
-
-    Accelerate would otherwise fill the last round by repeating rows from the start: some rows
-    would be trained twice per epoch. Filler rows add no loss and no gradient, and every worker
-    runs the same number of steps.
-    """
-    import datasets
-
-    from sft_ray.train.collate import filler_rows
-
-    missing = -len(ds) % per_step_rows
-    if not missing:
-        return ds
-    filler = datasets.Dataset.from_dict(filler_rows(missing, pad_token_id, "position_ids" in ds.column_names))
-    return datasets.concatenate_datasets([ds, filler.cast(ds.features)])
 
 
 def sample_prompts(eval_ds, n: int) -> list[dict]:
@@ -167,6 +137,17 @@ def _baseline_generations(
     return before
 
 
+def _gathered(item: dict) -> list[dict]:
+    """Every rank's `item`, in rank order, on every rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [item]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, item)
+    return out
+
+
 def _kept_final(cfg: Config, step: int, start_step: int, rank: int) -> dict | None:
     """The stored final/ summary when this attempt trained no step and final/ is of this very step.
 
@@ -203,6 +184,7 @@ def train_loop(loop_config: dict) -> dict:
     from sft_ray.train.callbacks import RunCallback, TokenCounter, count_packed_rows_in_num_tokens
     from sft_ray.train.collate import make_collator
     from sft_ray.train.final import stop_ids, write_final
+    from sft_ray.train.shards import even_out, keep_own_share, load_share, rows_per_worker
 
     cfg = Config.model_validate(loop_config["config"])
     ctx = ray.train.get_context()
@@ -219,10 +201,13 @@ def train_loop(loop_config: dict) -> dict:
     model = load_model(cfg, device, tokenizer)
     if cfg.data.packing:
         check_packing_isolates(model, cfg.model.path)
-    train_ds = even_out(
-        _to_hf(ray.train.get_dataset_shard("train")), world * cfg.train.per_device_batch_size, tokenizer.pad_token_id
-    )
-    eval_ds = _to_hf(ray.train.get_dataset_shard("eval")) if loop_config["has_eval"] else None
+    prepared, manifest = loop_config["prepared"], loop_config["manifest"]
+    own = load_share(prepared, manifest, "train", rank, world, os.path.join(output_dir, "data"))
+    train_ds = even_out(own, rows_per_worker(manifest, world, cfg.train.per_device_batch_size), tokenizer.pad_token_id)
+    eval_ds = load_share(prepared, manifest, "eval", rank, world, os.path.join(output_dir, "data"))
+    # What this worker holds (rank 0 writes every worker's into the summary): tests and users can
+    # check that no worker holds another's rows, and that they are memory-mapped, not in memory.
+    share = {"rank": rank, "rows": len(own), "filler": len(train_ds) - len(own), "memory_mapped": bool(own.cache_files)}
     counter = TokenCounter()
     checkpoint = ray.train.get_checkpoint()
     callback = RunCallback(
@@ -239,6 +224,7 @@ def train_loop(loop_config: dict) -> dict:
         data_collator=make_collator(tokenizer.pad_token_id, "flash" in (model.config._attn_implementation or "")),
     )
     serve_trained_rows_to_trl(trainer.model)
+    keep_own_share(trainer)
     trainer.training_step = counter.wrap(trainer.training_step)
     count_packed_rows_in_num_tokens(trainer)
     # First in line, so the throughput it adds to each log reaches TensorBoard and MLflow too.
@@ -261,6 +247,7 @@ def train_loop(loop_config: dict) -> dict:
     else:
         after = {"eval_loss": trainer.evaluate()["eval_loss"]} if eval_ds is not None else {}
 
+    shares = _gathered(share)
     summary = kept if kept is not None and rank == 0 else {}
     if kept is None and rank == 0:
         before = storage.read_json(storage.join(run_dir, "baseline.json"))  # + the step-0 eval loss
@@ -276,6 +263,7 @@ def train_loop(loop_config: dict) -> dict:
             loop_config["manifest"],
             callback.rates,
             start_step,
+            shares,
         )
         callback.upload_logs()
     final_metrics = {"finished": 1, "step": trainer.state.global_step}

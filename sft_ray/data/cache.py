@@ -1,0 +1,89 @@
+"""What identifies a preparation: the sources (checked to exist first), the tokenizer and the data settings.
+
+Training settings stay out: a preparation is reused by every run that reads the same data the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from sft_ray import storage
+from sft_ray.config import Config
+from sft_ray.data.errors import DataError
+
+# Bump when the output of preparation changes for the same inputs (invalidates the cache).
+PREP_VERSION = 4  # 4: one file per chunk and split, packed rows carry seq_lengths instead of position_ids
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+SPLITS = ("train", "eval")
+
+
+def specs(cfg: Config) -> list[dict]:
+    """Every source of every split, in a fixed order; rows refer to their source by index."""
+    return [{"split": split, **src.model_dump()} for split in SPLITS for src in getattr(cfg.data, split)]
+
+
+def fingerprint(uri: str) -> str:
+    """Content hash for local files; size and mtime for object stores (no full download)."""
+    fs, path = storage.filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        children = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        files = sorted(c.path for c in children if c.type == pafs.FileType.File)
+        prefix = path.rstrip("/") + "/"
+        return hashlib.sha256(
+            json.dumps([[f[len(prefix) :], fingerprint(storage.join(uri, f[len(prefix) :]))] for f in files]).encode()
+        ).hexdigest()
+    if not storage.is_local(uri):
+        return f"{info.size}:{info.mtime_ns}"
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_sources(cfg: Config) -> list[dict]:
+    """specs(cfg), refusing a missing file before any work is done, with the config key that names it."""
+    out = specs(cfg)
+    for split in SPLITS:
+        for i, src in enumerate(getattr(cfg.data, split)):
+            if not storage.exists(src.path):
+                raise DataError(f"data.{split}[{i}].path: no such file or folder: {src.path}")
+    if cfg.data.chat_template not in (None, "chatml") and not storage.exists(cfg.data.chat_template):
+        raise DataError(f"data.chat_template: no such file: {cfg.data.chat_template} (the built-in is `chatml`)")
+    return out
+
+
+def cache_key(cfg: Config) -> str:
+    """Hash of everything that changes the prepared rows."""
+    model_dir = Path(cfg.model.path)
+    if model_dir.is_dir():
+        tokenizer = {n: fingerprint(str(model_dir / n)) for n in TOKENIZER_FILES if (model_dir / n).exists()}
+    else:
+        tokenizer = {"hub_id": cfg.model.path}
+    sources = check_sources(cfg)
+    d = cfg.data
+    parts = {
+        "version": PREP_VERSION,
+        "tokenizer": tokenizer,
+        "chat_template": d.chat_template if d.chat_template in (None, "chatml") else fingerprint(d.chat_template),
+        "chat_template_kwargs": d.chat_template_kwargs,
+        "sources": [{**s, "path": fingerprint(s["path"])} for s in sources],
+        "max_length": d.max_length,
+        "packing": d.packing,
+        "eval_fraction": d.eval_fraction,
+        "seed": d.seed,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
