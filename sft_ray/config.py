@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -49,11 +58,40 @@ Format = Literal["instruction", "alpaca", "prompt_completion", "messages", "text
 
 
 class DatasetSource(_Strict):
-    path: str  # .jsonl, .json, .parquet (file or folder), HF save_to_disk folder; local, NFS or s3://
+    # `split` is the YAML key, `hub_split` the attribute (pipeline specs already use "split" for train/eval);
+    # both spellings validate, so a dumped config loads back.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True, validate_by_alias=True)
+
+    # .jsonl, .json, .parquet (file or folder), HF save_to_disk folder; local, NFS or s3://. Or a hub
+    # dataset read by `datasets.load_dataset`: a hub id (`org/name`), a local dataset repo folder, or
+    # a builder (`json`, `parquet`, ...) with `data_files` (rule: sft_ray.data.sources.is_hub).
+    path: str
     format: Format = "instruction"
     fields: dict[str, str] = {}  # the format's field name -> this dataset's column name
     weight: float = Field(1.0, gt=0)  # train mixing: 2.0 repeats every row twice, 0.5 keeps a seeded half
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"  # messages only
+    # `datasets.load_dataset` arguments, for hub datasets only:
+    hub_split: str | None = Field(None, alias="split", min_length=1)  # None: "train"
+    subset: str | None = Field(None, validation_alias=AliasChoices("subset", "name"), min_length=1)  # HF `name=`
+    data_files: str | list[str] | None = None  # files or globs, relative to the folder/repo (a builder: the cwd)
+    revision: str | None = Field(None, min_length=1)  # a hub branch, tag or commit
+
+    @field_validator("hub_split", "subset", "data_files", "revision")
+    @classmethod
+    def _hub_only(cls, v, info: ValidationInfo):
+        if v is None:
+            return v
+        if v == []:
+            raise ValueError("give at least one file or glob pattern")
+        path = info.data.get("path") or ""
+        if "://" in path or path.rstrip("/").lower().endswith((".jsonl", ".json", ".parquet")):
+            key = {"hub_split": "split"}.get(info.field_name, info.field_name)
+            raise ValueError(
+                f"{key} is a datasets.load_dataset argument, only for a dataset read through it (a hub id like "
+                f"org/name, a local dataset folder, or a builder such as json with data_files); path {path} is "
+                "a file or URI read directly"
+            )
+        return v
 
 
 class DataConfig(_Strict):
@@ -242,9 +280,14 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
             return p
         return str((base / p).resolve()) if not os.path.isabs(p) else p
 
+    def source(p: str) -> str:
+        """A hub dataset id (or a `datasets` builder name) stays as written when no such local path exists."""
+        named = HUB_ID.match(p) and not p.endswith((".jsonl", ".json", ".parquet"))
+        return p if named and not (base / p).exists() else local(p)
+
     cfg.storage.path = local(cfg.storage.path)
     for src in cfg.data.train + cfg.data.eval:
-        src.path = local(src.path)
+        src.path = source(src.path)
     if cfg.data.chat_template and cfg.data.chat_template != "chatml":
         cfg.data.chat_template = local(cfg.data.chat_template)
     # A model path that exists locally is a folder; anything else must be shaped like a hub id.

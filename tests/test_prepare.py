@@ -2,6 +2,7 @@
 
 import glob
 import json
+import os
 
 import pytest
 from conftest import make_config, write_jsonl
@@ -287,3 +288,39 @@ def test_reads_from_s3(tmp_path, tiny_model, tokenizer, ray_local, s3_bucket):
     out, manifest = prepare(cfg)
     assert manifest["splits"]["train"]["rows_written"] == 30
     assert _trained_texts(tokenizer, pq.read_table(f"{out}/train")) == [r["output"] + "<|im_end|>" for r in ROWS]
+
+
+def test_dataset_read_through_load_dataset_follows_the_same_pipeline(tmp_path, tiny_model, tokenizer, ray_local):
+    """A dataset folder as `hf download` leaves it (two train shards, a test split, a card), named in
+    the YAML like a hub id: `datasets.load_dataset` streams it, shard by shard (the code path of a hub
+    id), and the pipeline writes the same rows as for the files read directly."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from sft_ray.config import load_config
+
+    root = tmp_path / "acme" / "instruct"
+    write_jsonl(root / "data" / "train-00000-of-00002.jsonl", ROWS[:20])
+    write_jsonl(root / "data" / "train-00001-of-00002.jsonl", ROWS[20:])
+    write_jsonl(root / "data" / "test-00000-of-00001.jsonl", ROWS[:5])
+    (root / "README.md").write_text("---\nlicense: mit\n---\n# instruct\n")
+    tree = {
+        "name": "hub",
+        "model": {"path": str(tiny_model), "dtype": "float32"},
+        "data": {"train": [{"path": "acme/instruct"}], "eval": [{"path": "acme/instruct", "split": "test"}]},
+        "storage": {"path": "storage"},
+    }
+    (tmp_path / "hub.yaml").write_text(yaml.safe_dump(tree))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        cfg = load_config("hub.yaml")
+    finally:
+        os.chdir(cwd)
+    out, manifest = prepare(cfg)
+    assert [s["rows_read"] for s in manifest["sources"]] == [30, 5]
+    assert _trained_texts(tokenizer, pq.read_table(f"{out}/train")) == [r["output"] + "<|im_end|>" for r in ROWS]
+    assert _trained_texts(tokenizer, pq.read_table(f"{out}/eval")) == [r["output"] + "<|im_end|>" for r in ROWS[:5]]
+    # The cache key follows the files' contents: a changed row, a new preparation.
+    write_jsonl(root / "data" / "test-00000-of-00001.jsonl", ROWS[1:6])
+    assert cache_key(cfg) != out.rsplit("/", 1)[1]

@@ -14,6 +14,7 @@ import pyarrow.fs as pafs
 from sft_ray import storage
 from sft_ray.config import Config
 from sft_ray.data.errors import DataError
+from sft_ray.data.sources import HUB_KEYS, HubSourceError, hub_fingerprint, is_hub
 
 # Bump when the output of preparation changes for the same inputs (invalidates the cache).
 PREP_VERSION = 4  # 4: one file per chunk and split, packed rows carry seq_lengths instead of position_ids
@@ -59,7 +60,7 @@ def check_sources(cfg: Config) -> list[dict]:
     out = specs(cfg)
     for split in SPLITS:
         for i, src in enumerate(getattr(cfg.data, split)):
-            if not storage.exists(src.path):
+            if not is_hub(src.path, src.data_files) and not storage.exists(src.path):
                 raise DataError(f"data.{split}[{i}].path: no such file or folder: {src.path}")
     if cfg.data.chat_template not in (None, "chatml") and not storage.exists(cfg.data.chat_template):
         raise DataError(f"data.chat_template: no such file: {cfg.data.chat_template} (the built-in is `chatml`)")
@@ -80,10 +81,31 @@ def cache_key(cfg: Config) -> str:
         "tokenizer": tokenizer,
         "chat_template": d.chat_template if d.chat_template in (None, "chatml") else fingerprint(d.chat_template),
         "chat_template_kwargs": d.chat_template_kwargs,
-        "sources": [{**s, "path": fingerprint(s["path"])} for s in sources],
+        "sources": [{**s, "path": f} for s, f in zip(sources, _source_fingerprints(cfg))],
         "max_length": d.max_length,
         "packing": d.packing,
         "eval_fraction": d.eval_fraction,
         "seed": d.seed,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _source_fingerprints(cfg: Config) -> list[str]:
+    """Content for files; for a dataset read through `datasets.load_dataset`, its load arguments and
+    files (or the hub commit: this fails here, in seconds, when the hub cannot be reached). In specs() order."""
+    out = []
+    for split in SPLITS:
+        for i, src in enumerate(getattr(cfg.data, split)):
+            if not is_hub(src.path, src.data_files):
+                out.append(fingerprint(src.path))
+                continue
+            try:
+                out.append(hub_fingerprint(src.model_dump()))
+            except HubSourceError as err:
+                raise DataError(f"data.{split}[{i}].path: {err}") from None
+    return out
+
+
+def plan_args(spec: dict) -> dict:
+    """The `datasets.load_dataset` arguments of a source, as `plan_chunks` takes them."""
+    return {k: spec[k] for k in HUB_KEYS}

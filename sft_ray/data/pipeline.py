@@ -19,7 +19,7 @@ import uuid
 from sft_ray import storage
 from sft_ray.config import Config
 from sft_ray.data import stats
-from sft_ray.data.cache import cache_key, check_sources, specs
+from sft_ray.data.cache import cache_key, check_sources, plan_args, specs
 from sft_ray.data.errors import DataError
 from sft_ray.data.sources import plan_chunks
 
@@ -50,7 +50,7 @@ def _run(cfg: Config, out_dir: str, tokenizer) -> dict:
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     source_specs = specs(cfg)
-    chunks = [c for i, s in enumerate(source_specs) for c in plan_chunks(s["path"], i, s["split"])]
+    chunks = [c for i, s in enumerate(source_specs) for c in plan_chunks(s["path"], i, s["split"], **plan_args(s))]
     items = [{"chunk": json.dumps({**c, "index": i})} for i, c in enumerate(chunks)]
     remote = cfg.model.trust_remote_code
     d = cfg.data

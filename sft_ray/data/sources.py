@@ -2,16 +2,21 @@
 
 Sources: JSONL, JSON (an array, or JSON lines under a .json name), parquet files or folders of
 them, and HF `save_to_disk` folders; local paths, NFS paths and `s3://` URIs (pyarrow
-filesystems). The driver cuts each source into chunks (line-aligned byte ranges, parquet row
-groups, arrow files) so Ray Data reads them in parallel, and every record carries `where`
-(`file:line` or `file row N`) for error messages. Records travel as JSON text and are parsed next
-to tokenization, so one malformed line is reported instead of failing a whole read.
+filesystems). And hub sources (see `is_hub`), read through `datasets.load_dataset(...,
+streaming=True)`: a hub id, a local dataset repo folder, or a builder with `data_files`. The driver
+cuts each source into chunks (line-aligned byte ranges, parquet row groups, arrow files, shards of
+a streamed hub dataset) so Ray Data reads them in parallel, and every record carries `where`
+(`file:line`, `file row N` or `org/name[split] shard S row N`) for error messages. Records travel
+as JSON text and are parsed next to tokenization, so one malformed line is reported instead of
+failing a whole read.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -19,8 +24,16 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from sft_ray import storage
+from sft_ray.config import HUB_ID
 
 CHUNK_BYTES = 4 << 20
+HUB_KEYS = ("hub_split", "subset", "data_files", "revision")  # DatasetSource's load_dataset arguments
+HUB_PROBE_TIMEOUT_S = 10.0  # one request to the hub at plan time, so an unreachable hub fails in seconds
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class HubSourceError(ValueError):
+    """A hub source that cannot be planned or read; the message names its path."""
 
 
 def source_kind(uri: str) -> str:
@@ -29,16 +42,50 @@ def source_kind(uri: str) -> str:
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"data file not found: {uri}")
     if info.type == pafs.FileType.Directory:
-        names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(path))}
-        if "state.json" in names and "dataset_info.json" in names:
-            return "hf_disk"
-        if any(n.endswith(".parquet") for n in names):
-            return "parquet"
-        raise ValueError(f"{uri}: a folder must be an HF save_to_disk folder or hold .parquet files")
+        kind = _folder_kind({i.base_name for i in fs.get_file_info(pafs.FileSelector(path))})
+        if kind is None:
+            raise ValueError(f"{uri}: a folder must be an HF save_to_disk folder or hold .parquet files")
+        return kind
     for ext, kind in ((".jsonl", "jsonl"), (".json", "json"), (".parquet", "parquet")):
         if path.endswith(ext):
             return kind
     raise ValueError(f"{uri}: unknown file type (expected .jsonl, .json, .parquet or an HF save_to_disk folder)")
+
+
+def _folder_kind(names: set[str]) -> str | None:
+    if "state.json" in names and "dataset_info.json" in names:
+        return "hf_disk"
+    if any(n.endswith(".parquet") for n in names):
+        return "parquet"
+    return None
+
+
+def is_hub(path: str, data_files: str | list[str] | None = None) -> bool:
+    """Whether a source is read through `datasets.load_dataset` (chunk kind "hub") instead of directly.
+
+    The first rule that applies decides:
+    1. `data_files` set: hub. `path` is then a builder (`json`, `parquet`, `csv`, ...), a local
+       dataset folder or a hub id, and the files are relative to the folder or repo (to the current
+       directory for a builder).
+    2. A URI with a scheme (`s3://`, `file://`, ...): not hub.
+    3. An existing local file: not hub.
+    4. An existing local folder: not hub when it is an HF save_to_disk folder (state.json and
+       dataset_info.json) or holds .parquet files at its top level; hub otherwise (a dataset repo
+       folder such as data/train-*.jsonl plus README.md, read with its splits and `configs:`).
+    5. Nothing at that path: hub when shaped like a hub id (`name` or `org/name`, `config.HUB_ID`)
+       and not ending in .jsonl/.json/.parquet; otherwise not (a missing local file).
+    Relative paths are looked up from the current directory.
+    """
+    if data_files:
+        return True
+    if "://" in path:
+        return False
+    local = os.path.expanduser(path)
+    if os.path.isfile(local):
+        return False
+    if os.path.isdir(local):
+        return _folder_kind(set(os.listdir(local))) is None
+    return bool(HUB_ID.match(path)) and not path.lower().endswith(_FILE_SUFFIXES)
 
 
 def _files(uri: str, suffix: str) -> list[str]:
@@ -49,9 +96,31 @@ def _files(uri: str, suffix: str) -> list[str]:
     return [uri]
 
 
-def plan_chunks(uri: str, spec: int, split: str, chunk_bytes: int = CHUNK_BYTES) -> list[dict]:
-    """Chunks of one source; each is read by one Ray task."""
+def plan_chunks(
+    uri: str,
+    spec: int,
+    split: str,
+    chunk_bytes: int = CHUNK_BYTES,
+    *,
+    hub_split: str | None = None,
+    subset: str | None = None,
+    data_files: str | list[str] | None = None,
+    revision: str | None = None,
+) -> list[dict]:
+    """Chunks of one source; each is read by one Ray task.
+
+    `split` is the pipeline's (train/eval); the keyword arguments are DatasetSource's `HUB_KEYS`,
+    for hub sources only (`plan_chunks(s["path"], i, s["split"], **{k: s[k] for k in HUB_KEYS})`).
+    """
+    if is_hub(uri, data_files):
+        return _plan_hub({"spec": spec, "split": split}, uri, hub_split, subset, data_files, revision)
     kind = source_kind(uri)
+    given = [k for k, v in (("split", hub_split), ("subset", subset), ("revision", revision)) if v is not None]
+    if given:
+        raise HubSourceError(
+            f"{uri}: {', '.join(given)} only apply to a dataset read through datasets.load_dataset; "
+            f"this is a {kind} source, read directly"
+        )
     base = {"spec": spec, "split": split, "kind": kind}
     if kind == "jsonl":
         return [{**base, **c} for c in _line_ranges(uri, chunk_bytes)]
@@ -113,6 +182,9 @@ def _row(chunk: dict, where: str, raw: str, bad_utf8: bool, eval_fraction: float
 
 def _records(chunk: dict) -> Iterator[tuple[str, str, bool]]:
     """(where, raw JSON text, bad_utf8) for every record of a chunk."""
+    if chunk["kind"] == "hub":
+        yield from _hub_records(chunk)
+        return
     fs, path = storage.filesystem(chunk["source"])
     src, kind = chunk["source"], chunk["kind"]
     if kind == "jsonl":
@@ -141,6 +213,173 @@ def _records(chunk: dict) -> Iterator[tuple[str, str, bool]]:
                 table = pa.ipc.open_stream(f).read_all()
         for i, r in enumerate(table.to_pylist()):
             yield f"{src} row {chunk['first'] + i}", json.dumps(r, default=str), False
+
+
+# ---- hub sources: datasets.load_dataset(..., streaming=True), one chunk per shard ----
+
+
+def _is_local_dir(path: str) -> bool:
+    return "://" not in path and os.path.isdir(os.path.expanduser(path))
+
+
+def _is_builder(path: str) -> bool:
+    """A packaged `datasets` builder name (json, parquet, csv, ...) that reads `data_files`."""
+    if _is_local_dir(path):
+        return False
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    return path in _PACKAGED_DATASETS_MODULES
+
+
+def _names_repo(path: str) -> bool:
+    """A dataset repo on the hub (not a local folder, not a builder)."""
+    return not _is_local_dir(path) and not _is_builder(path)
+
+
+def _load_args(
+    path: str,
+    hub_split: str | None = None,
+    subset: str | None = None,
+    data_files: str | list[str] | None = None,
+    revision: str | None = None,
+) -> dict:
+    """`load_dataset` keyword arguments, JSON-able, that mean the same in any working directory."""
+    files = [data_files] if isinstance(data_files, str) else list(data_files) if data_files else None
+    if _is_local_dir(path):
+        path = os.path.abspath(os.path.expanduser(path))
+    elif files and _is_builder(path):  # a builder reads data_files from the current directory
+        files = [f if "://" in f else os.path.abspath(os.path.expanduser(f)) for f in files]
+    return {"path": path, "name": subset, "split": hub_split or "train", "data_files": files, "revision": revision}
+
+
+def _hub_hint(path: str) -> str:
+    return (
+        f"Point path at a local copy (e.g. `hf download --repo-type dataset {path} --local-dir DIR`), "
+        "or set HF_HUB_OFFLINE=1 to use only what datasets has already cached."
+    )
+
+
+def _hub_revision(path: str, revision: str | None) -> str | None:
+    """The commit a hub id resolves to, asked once and quickly; under HF_HUB_OFFLINE, `revision` as given.
+
+    `load_dataset` alone retries an unreachable hub for about 25 s (5 retries with backoff); this
+    single request without retries fails at once, and its commit pins every shard's reader.
+    """
+    import datasets
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    if datasets.config.HF_HUB_OFFLINE:
+        return revision
+    try:
+        return HfApi().dataset_info(path, revision=revision, timeout=HUB_PROBE_TIMEOUT_S).sha
+    except RevisionNotFoundError:
+        raise HubSourceError(f"{path}: revision {revision!r} not found on the Hugging Face Hub") from None
+    except RepositoryNotFoundError:  # gated and private ones too, without a token
+        raise HubSourceError(
+            f"{path}: no local file or folder of that name, and the Hugging Face Hub has no dataset {path} "
+            f"(or it is private or gated: log in or set HF_TOKEN). {_hub_hint(path)}"
+        ) from None
+    except Exception as err:  # connection refused, unknown host, timeout, proxy, server error
+        raise HubSourceError(
+            f"{path}: no local file or folder of that name, and the Hugging Face Hub could not be reached "
+            f"({type(err).__name__}: {err}). {_hub_hint(path)}"
+        ) from None
+
+
+def _stream(load: dict, label: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(**load, streaming=True)
+    except ConnectionError as err:  # HF_HUB_OFFLINE=1 and not cached, or the hub went away since the probe
+        raise HubSourceError(
+            f"{label}: no local file or folder of that name, and the Hugging Face Hub could not be reached "
+            f"({err}). {_hub_hint(load['path'])}"
+        ) from None
+    except Exception as err:
+        raise HubSourceError(f"{label}: datasets.load_dataset could not load it: {type(err).__name__}: {err}") from err
+
+
+def _hub_label(path: str, hub_split: str | None, subset: str | None, data_files) -> str:
+    """`org/name[train]`, `org/name:subset[test]`, `json(a.jsonl,b.jsonl)[train]`, as the user wrote them."""
+    label = path
+    if data_files and _is_builder(path):
+        label += "(" + ",".join([data_files] if isinstance(data_files, str) else data_files) + ")"
+    if subset:
+        label += f":{subset}"
+    return f"{label}[{hub_split or 'train'}]"
+
+
+def _plan_hub(base: dict, path: str, hub_split, subset, data_files, revision) -> list[dict]:
+    load = _load_args(path, hub_split, subset, data_files, revision)
+    if _names_repo(load["path"]):
+        load["revision"] = _hub_revision(load["path"], revision)  # fails fast when the hub is out of reach
+    label = _hub_label(path, hub_split, subset, data_files)
+    n = _stream(load, label).num_shards
+    chunk = {**base, "kind": "hub", "source": load["path"], "load": load, "label": label, "num_shards": n}
+    return [{**chunk, "shard": i} for i in range(n)]
+
+
+def _hub_records(chunk: dict) -> Iterator[tuple[str, str, bool]]:
+    """Rows of one shard, streamed; `where` counts rows within the shard (`org/name[train] shard 3 row 17`).
+
+    For file-based datasets a shard is one data file, in the order load_dataset lists them (sorted).
+    """
+    label, n = chunk["label"], chunk["num_shards"]
+    ds = _stream(chunk["load"], label)
+    if ds.num_shards != n:
+        raise HubSourceError(f"{label}: {ds.num_shards} shards now, {n} when planned: it changed during preparation")
+    prefix = f"{label} shard {chunk['shard']} row "
+    for i, row in enumerate(ds.shard(n, chunk["shard"])):
+        yield f"{prefix}{i}", json.dumps(row, default=str), False
+
+
+def _file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tree_hash(folder: str) -> str:
+    """Names and contents of a folder's files, hidden ones (.cache, .git) left out; not where it lives."""
+    entries = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith("."):
+                full = os.path.join(root, name)
+                entries.append([os.path.relpath(full, folder), _file_hash(full)])
+    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
+
+
+def hub_fingerprint(src: dict) -> str:
+    """What the cache key holds for a hub source (`src`: `path` and the `HUB_KEYS`; other keys ignored).
+
+    The load arguments plus: for a local dataset folder, the names and contents of its files; for
+    local data files (a builder's, or absolute paths), the contents of the files each pattern
+    matches; for a hub id, the commit it resolves to now (one request; under HF_HUB_OFFLINE only the
+    `revision` given, so hub updates are not seen). Local paths themselves are left out: moving
+    the data keeps the key, as for plain files.
+    """
+    load = _load_args(src["path"], *(src.get(k) for k in HUB_KEYS))
+    path, files = load["path"], load["data_files"] or []
+    key: dict = {"name": load["name"], "split": load["split"]}
+    if _is_local_dir(path):
+        key["folder"] = _tree_hash(path)
+    elif _is_builder(path):
+        key["builder"] = path
+    else:
+        key["hub"], key["revision"] = path, _hub_revision(path, load["revision"])
+    key["data_files"] = [
+        [_file_hash(f) for f in sorted(glob.glob(p, recursive=True)) if os.path.isfile(f)]
+        if "://" not in p and os.path.isabs(p)
+        else p  # relative to the folder (hashed above) or to the hub repo (pinned by the commit)
+        for p in files
+    ]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def _lines(src: str, data: bytes, first: int) -> Iterator[tuple[str, str, bool]]:
