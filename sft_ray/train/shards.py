@@ -102,15 +102,15 @@ def keep_own_share(trainer) -> None:
     wrapper a passthrough (one process) is what transformers itself does for its rank-aware
     `BatchRebalanceSampler` (Trainer._get_dataloader, transformers 5.24); the sampler below it,
     the seeded shuffle and the skip on resume stay Accelerate's. Pinned by tests/test_train_units.py."""
+    build = trainer.get_train_dataloader
+    trainer.get_train_dataloader = lambda: unsharded(build())
+
+
+def unsharded(loader):
+    """`loader` made to yield every batch of its own dataset on this process (see keep_own_share)."""
     from accelerate.data_loader import BatchSamplerShard
 
-    build = trainer.get_train_dataloader
-
-    def get_train_dataloader():
-        loader = build()
-        shard = getattr(loader, "batch_sampler", None)
-        if isinstance(shard, BatchSamplerShard):
-            shard.num_processes, shard.process_index = 1, 0
-        return loader
-
-    trainer.get_train_dataloader = get_train_dataloader
+    shard = getattr(loader, "batch_sampler", None)
+    if isinstance(shard, BatchSamplerShard):
+        shard.num_processes, shard.process_index = 1, 0
+    return loader
