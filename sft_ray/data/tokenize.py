@@ -23,6 +23,8 @@ no trained token is dropped with reason `no_trained_tokens_after_truncation`.
 
 from __future__ import annotations
 
+import itertools
+import operator
 import re
 import weakref
 from dataclasses import dataclass
@@ -113,6 +115,7 @@ def _backend(tokenizer):
     return None
 
 
+_START, _END = operator.itemgetter(0), operator.itemgetter(1)
 Tokens = tuple[list[int], list[tuple[int, int]] | None]  # ids, character offsets (None: not known)
 
 
@@ -188,10 +191,11 @@ def _split(offsets: list[tuple[int, int]] | None, at: int) -> int | None:
     """How many tokens lie before character `at`, or None when a token straddles it."""
     if offsets is None:
         return None
-    j = 0
-    while j < len(offsets) and offsets[j][0] < at:
-        j += 1
-    if any(end > at for _, end in offsets[:j]) or any(start < at for start, _ in offsets[j:]):
+    # C-level scans (map/compress): this runs for every cut of every example.
+    j = next(itertools.compress(itertools.count(), map(at.__le__, map(_START, offsets))), len(offsets))
+    if max(map(_END, itertools.islice(offsets, j)), default=at) > at:
+        return None
+    if min(map(_START, itertools.islice(offsets, j, None)), default=at) < at:
         return None
     return j
 
