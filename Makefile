@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CPU_TORCH ?= torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: install demo test lint format clean bench-data bench-train
+.PHONY: install demo test lint format clean bench-data bench-train bench-scale
 
 install: $(VENV)/.installed
 
@@ -47,3 +47,8 @@ bench-data: install
 
 bench-train: install
 	$(PY) benchmarks/train_bench.py $(ARGS)
+
+# 100k and 1M generated rows, each prepared and trained 3 steps on 2 workers in a fresh process:
+# preparation rows/s, driver and per-worker peak RSS, seconds to the first step. `ARGS=--quick`: 2k and 20k.
+bench-scale: install
+	$(PY) benchmarks/scale_bench.py $(ARGS)

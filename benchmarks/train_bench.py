@@ -202,7 +202,8 @@ def plain_run(spec: dict) -> dict:
     from sft_ray.model import load_model, load_tokenizer, lora_config
     from sft_ray.train.callbacks import TokenCounter, count_packed_rows_in_num_tokens
     from sft_ray.train.collate import make_collator
-    from sft_ray.train.worker import _sft_config, even_out
+    from sft_ray.train.shards import even_out
+    from sft_ray.train.worker import _sft_config
 
     datasets.disable_progress_bars()
     cfg = Config.model_validate(spec["config"])
@@ -211,8 +212,9 @@ def plain_run(spec: dict) -> dict:
     model = load_model(cfg, device)
     files = sorted(glob.glob(os.path.join(spec["prepared"], "train", "*.parquet")))
     table = pa.concat_tables([pq.read_table(f) for f in files])
-    cols = [c for c in ("input_ids", "labels", "position_ids") if c in table.column_names]
-    train_ds = even_out(datasets.Dataset(table.select(cols)), cfg.train.per_device_batch_size, tokenizer.pad_token_id)
+    cols = [c for c in ("input_ids", "labels", "seq_lengths") if c in table.column_names]
+    bs = cfg.train.per_device_batch_size
+    train_ds = even_out(datasets.Dataset(table.select(cols)), -(-table.num_rows // bs) * bs, tokenizer.pad_token_id)
     trainer = SFTTrainer(
         model=model,
         args=_sft_config(cfg, spec["output_dir"], device, has_eval=False, resumed=False),
@@ -290,7 +292,7 @@ def run_plain(name: str, prepared: str, cfg, work: Path, threads: int | None, co
 def run_ray(cfg, worker_cpus: int | None = None) -> dict:
     """`train(cfg)`, the user's path; with `worker_cpus`, the same run through `fit` with that many CPUs."""
     from sft_ray.data.pipeline import prepare
-    from sft_ray.train.driver import fit, load_splits, train
+    from sft_ray.train.driver import fit, train
 
     sampler = Sampler(_ray_worker)
     sampler.start()
@@ -299,7 +301,7 @@ def run_ray(cfg, worker_cpus: int | None = None) -> dict:
         summary = train(cfg)
     else:
         prepared, manifest = prepare(cfg)  # reuses the earlier preparation
-        summary = fit(cfg, load_splits(prepared, manifest), manifest, worker_cpus=worker_cpus).return_value
+        summary = fit(cfg, prepared, manifest, worker_cpus=worker_cpus).return_value
     fit_s = time.perf_counter() - start
     samples = sampler.stop()
     lines = Path(cfg.storage.path, cfg.name, "metrics.jsonl").read_text().splitlines()

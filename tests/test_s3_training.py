@@ -67,11 +67,8 @@ def test_train_on_s3_then_resume_from_the_bucket(tmp_path, tiny_model, s3_bucket
     import boto3
     from safetensors.torch import load
 
-    from sft_ray.train import driver
     from sft_ray.train.driver import train
 
-    # Read tasks, as for a dataset too large for the driver (the other tests read small splits on the driver).
-    monkeypatch.setattr(driver, "DRIVER_READ_BYTES", 0)
     monkeypatch.chdir(tmp_path)  # a path mistaken for a local one would show up here as ./s3:/...
     s3 = boto3.client("s3")
 
@@ -79,6 +76,8 @@ def test_train_on_s3_then_resume_from_the_bucket(tmp_path, tiny_model, s3_bucket
     first = train(_cfg(tmp_path, tiny_model, s3_bucket, epochs=1))
     assert first["global_step"] == 4
     assert first["final_dir"] == f"s3://{s3_bucket}/runs/s3run/final"
+    # Each worker read its own half of the rows from the bucket, memory-mapped.
+    assert [(s["rows"], s["memory_mapped"]) for s in first["data_shares"]] == [(16, True), (16, True)]
 
     datasets = _objects(s3, s3_bucket, "runs/datasets/")
     manifests = [k for k in datasets if k.count("/") == 1 and k.endswith("/manifest.json")]
