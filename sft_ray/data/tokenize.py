@@ -208,8 +208,8 @@ def _encode_from(tokenizer, ex: Example, text: str, start: int) -> Tokens:
     return _after_newline(tokenizer, text, start, True) if start else encode_texts(tokenizer, [text], True)[0]
 
 
-def _labelled(tokenizer, ex: Example, tokens: Tokens) -> tuple[list[int], list[bool]]:
-    """The example's ids and, per id, whether it is trained; cut where its spans start and end.
+def _labelled(tokenizer, ex: Example, tokens: Tokens) -> tuple[list[int], list[int]]:
+    """The example's ids and labels (the id where trained, IGNORE elsewhere); cut where its spans start and end.
 
     `tokens` are the whole text's; they are cut where a token boundary marks a cut. A prompt's end
     (a span start) is checked against the prompt tokenized alone wherever that could differ: a
@@ -225,7 +225,7 @@ def _labelled(tokenizer, ex: Example, tokens: Tokens) -> tuple[list[int], list[b
         return _encode_from(tokenizer, ex, ex.text[cut:], cut)
 
     starts = {a for a, _ in ex.spans}
-    ids, trained = [], []
+    ids, labels = [], []
     cur_ids, cur_offs = tokens
     whole = True  # cur_ids are the whole text's own tokens (no cut re-tokenized the rest yet)
     pos = 0
@@ -262,10 +262,10 @@ def _labelled(tokenizer, ex: Example, tokens: Tokens) -> tuple[list[int], list[b
                 whole = False
         inside = any(a <= pos < b for a, b in ex.spans)
         ids += seg
-        trained += [inside] * len(seg)
+        labels += seg if inside else [IGNORE] * len(seg)
         pos = cut
     inside = any(a <= pos < b for a, b in ex.spans)
-    return ids + cur_ids, trained + [inside] * len(cur_ids)
+    return ids + cur_ids, labels + (cur_ids if inside else [IGNORE] * len(cur_ids))
 
 
 def _turns_apart(ex: Example) -> list[Example]:
@@ -280,8 +280,7 @@ def _turns_apart(ex: Example) -> list[Example]:
 
 
 def _encode_one(tokenizer, ex: Example, tokens: Tokens | None, special: Special, max_length: int) -> Encoded | str:
-    ids, trained = _labelled(tokenizer, ex, tokens or _encode_from(tokenizer, ex, ex.text, 0))
-    labels = [t if on else IGNORE for t, on in zip(ids, trained)]
+    ids, labels = _labelled(tokenizer, ex, tokens or _encode_from(tokenizer, ex, ex.text, 0))
     if not ex.templated:
         ids = [*special.prefix, *ids, special.eos]
         labels = [IGNORE] * len(special.prefix) + labels + [special.eos]
