@@ -130,8 +130,11 @@ def _lengths(bins: list[dict]) -> str:
 def _data_section(manifest: dict | None) -> str:
     if manifest is None:
         return "<p class=missing>final/data_manifest.json is missing: no data statistics.</p>"
-    splits = {
-        name: {**stats, "length_histogram": _lengths(stats.get("length_histogram") or [])}
+    splits = {  # the file list (one entry per chunk) is for the workers, not the reader
+        name: {
+            **{k: v for k, v in stats.items() if k != "files"},
+            "length_histogram": _lengths(stats.get("length_histogram") or []),
+        }
         for name, stats in manifest.get("splits", {}).items()
     }
     columns: list[str] = []

@@ -324,3 +324,12 @@ def test_dataset_read_through_load_dataset_follows_the_same_pipeline(tmp_path, t
     # The cache key follows the files' contents: a changed row, a new preparation.
     write_jsonl(root / "data" / "test-00000-of-00001.jsonl", ROWS[1:6])
     assert cache_key(cfg) != out.rsplit("/", 1)[1]
+
+
+def test_weights_that_keep_no_train_row_are_refused(tmp_path, tiny_model, ray_local):
+    """Rows read and kept, then all weighted away (a 0.01 weight on 30 rows): refused with the key to
+    change, not a crash in every training worker."""
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    cfg = make_config(tmp_path, tiny_model, {"path": str(train), "format": "instruction", "weight": 0.01})
+    with pytest.raises(DataError, match=r"no train row was written.*weight"):
+        prepare(cfg)

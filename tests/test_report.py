@@ -90,6 +90,7 @@ def test_full_run(tmp_path):
                     {"from": 65, "to": 128, "rows": 290},
                     {"from": 129, "to": 192, "rows": 0},
                 ],
+                "files": [{"name": "000000.parquet", "rows": 990}],
             },
             "eval": {"rows_read": 100, "rows_written": 100, "rows_dropped": {}, "tokens": 5120},
         }
@@ -107,6 +108,7 @@ def test_full_run(tmp_path):
     assert 'src="loss.png"' in page and 'src="learning_rate.png"' in page
     assert "51,234" in page and "bad_json: 10" in page  # data table
     assert "1-64: 700, 65-128: 290<" in page  # the bins that hold rows
+    assert "000000.parquet" not in page  # the workers' file list is not a statistic
     assert "812.5" in page and "1:02:05" in page  # throughput
     assert "eval_loss_after" in page and "<pre>name: demo" in page
     assert "ended with EOS: before: 0%, after: 100%" in page

@@ -188,6 +188,11 @@ def test_qlora_two_workers_awkward_row_count(tmp_path, tiny_model, ray_local, pa
     # the same count on both: 6 + 7 rows padded to 8 each (batches of 4), or 3 + 4 packed rows to 4.
     shares = [(s["rank"], s["rows"], s["filler"], s["memory_mapped"]) for s in summary["data_shares"]]
     assert shares == ([(0, 3, 1, True), (1, 4, 0, True)] if packing else [(0, 6, 2, True), (1, 7, 1, True)])
+    # The HF Trainer's samples/s counts every worker's rows (filler included), not one worker's share.
+    logs = [json.loads(line) for line in (tmp_path / "storage" / "qlora" / "metrics.jsonl").read_text().splitlines()]
+    end = next(e for e in logs if "train_samples_per_second" in e)
+    rows = 2 * (4 if packing else 8)  # both workers' rows per epoch
+    assert end["train_samples_per_second"] == pytest.approx(2 * rows / end["train_runtime"], rel=0.05)
     tensors = load_file(tmp_path / "storage" / "qlora" / "final" / "adapter_model.safetensors")
     assert any("mlp.down_proj" in k for k in tensors)  # all-linear reached the MLP
     assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)

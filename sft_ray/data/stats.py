@@ -199,6 +199,11 @@ def check_trainable(manifest: dict, cfg: Config, where: str) -> None:
             + (f"; prompts reach data.max_length={cfg.data.max_length}: raise it" if too_long else "")
             + f". Manifest: {where}"
         )
+    if splits["train"]["rows_written"] == 0:  # every train row weighted away (a small fractional weight)
+        raise DataError(
+            f"no train row was written: the sources' weights kept none of the {splits['train']['rows_kept']} kept "
+            f"rows (data.train[*].weight below 1 keeps a seeded fraction); raise the weights. Manifest: {where}"
+        )
     read = sum(s["rows_read"] for s in splits.values())
     dropped = sum(sum(s["rows_dropped"].values()) for s in splits.values())
     if read and dropped / read > cfg.data.max_dropped_fraction:

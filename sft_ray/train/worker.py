@@ -224,7 +224,7 @@ def train_loop(loop_config: dict) -> dict:
         data_collator=make_collator(tokenizer.pad_token_id, "flash" in (model.config._attn_implementation or "")),
     )
     serve_trained_rows_to_trl(trainer.model)
-    keep_own_share(trainer)
+    keep_own_share(trainer, world)
     trainer.training_step = counter.wrap(trainer.training_step)
     count_packed_rows_in_num_tokens(trainer)
     # First in line, so the throughput it adds to each log reaches TensorBoard and MLflow too.
