@@ -149,3 +149,69 @@ def test_a_post_processor_that_appends_eos_adds_only_its_bos_in_front(tokenizer)
         tok, render_record({"prompt": "Q:", "completion": " A"}, "prompt_completion"), special_ids(tok), 64
     )
     assert enc.input_ids[0] == bos and enc.input_ids.count(eos) == 1 and enc.input_ids[-1] == eos
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2_5", "mistral_v03", "gemma", "phi3"])
+def test_offsets_read_around_a_cut_agree_with_the_full_scan(family):
+    """`_split` on a Rust encoding's lazy offsets (two tokens read around the cut) gives what the
+    scan over every token's offsets gives, at every character of texts with multi-byte characters,
+    runs of whitespace and newlines, for byte-level and SentencePiece-style tokenizers."""
+    from families import build_family_tokenizer
+
+    from sft_ray.data.tokenize import Offsets, _split
+
+    tok = build_family_tokenizer(family)
+    texts = [
+        "### Question\nWhat is 2+2?\n\n### Output\n4",
+        "  leading spaces,\ttabs\t\tand  double  spaces  ",
+        "naïve café — 東京 ✓ émoji 🙂 done\n\n\nend",
+        "",
+        "x",
+    ]
+    for text in texts:
+        enc = tok.backend_tokenizer.encode(text, add_special_tokens=False)
+        for base in (0, 1, 3):
+            lazy, full = Offsets(enc)[base:], list(enc.offsets)[base:]
+            assert list(lazy) == full and len(lazy) == len(full)
+            for at in range(len(text) + 1):
+                assert _split(lazy, at) == _split(full, at), (family, text, base, at)
+        for at in range(len(text) + 1):  # what the lazy offsets rely on: the first token that holds `at`
+            assert enc.char_to_token(at) == next((i for i, (a, b) in enumerate(enc.offsets) if a <= at < b), None)
+
+
+class _Encoding:
+    """An encoding's offsets as the Rust `Encoding` answers for them: `char_to_token` gives the
+    first token whose span holds the character. Built from hand-made offsets, to reach what the
+    small tokenizers above do not make: zero-width tokens, several tokens starting at one
+    character, tokens that overlap."""
+
+    def __init__(self, offsets):
+        self.offsets = offsets
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def char_to_token(self, at):
+        return next((i for i, (a, b) in enumerate(self.offsets) if a <= at < b), None)
+
+    def token_to_chars(self, i):
+        return self.offsets[i]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    spans=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4)), min_size=1, max_size=12),
+    base=st.integers(0, 3),
+)
+def test_offsets_read_around_a_cut_agree_with_the_full_scan_on_odd_offsets(spans, base):
+    """Starts in text order, as a Rust encoding of one text without added special tokens has them
+    (the lazy offsets rely on it); widths of 0, several tokens at one start, ends past the next start."""
+    from sft_ray.data.tokenize import Offsets, _split
+
+    offsets, pos = [], 0
+    for step, width in spans:
+        pos += step
+        offsets.append((pos, pos + width))
+    lazy, full = Offsets(_Encoding(offsets))[base:], offsets[base:]
+    for at in range(pos + 4):
+        assert _split(lazy, at) == _split(full, at), (offsets, base, at)

@@ -27,6 +27,7 @@ import itertools
 import operator
 import re
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -116,7 +117,43 @@ def _backend(tokenizer):
 
 
 _START, _END = operator.itemgetter(0), operator.itemgetter(1)
-Tokens = tuple[list[int], list[tuple[int, int]] | None]  # ids, character offsets (None: not known)
+
+
+class Offsets(Sequence):
+    """The character offsets of a Rust encoding's tokens from token `base` on, read from Rust where
+    asked: a cut needs the tokens next to it, not a Python tuple for every token (turning all
+    offsets into tuples took a fifth of the tokenizer's own time, measured)."""
+
+    __slots__ = ("enc", "base")
+
+    def __init__(self, enc, base: int = 0):
+        self.enc, self.base = enc, base
+
+    def __len__(self) -> int:
+        return len(self.enc) - self.base
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            if i.step is None and i.stop is None and (i.start or 0) >= 0:
+                return Offsets(self.enc, min(len(self.enc), self.base + (i.start or 0)))
+            return self.enc.offsets[self.base :][i]
+        return self.enc.offsets[self.base :][i]
+
+    def __iter__(self):
+        return iter(self.enc.offsets[self.base :])
+
+    def split(self, at: int) -> int | None | bool:
+        """`_split` read from Rust around character `at`; False where only the full scan can tell
+        (no token holds `at`, or another token starts there too, as a character's byte tokens do)."""
+        # Starts run in text order (one text, no special tokens added); `t` is the first token that
+        # holds `at`, so no token before it ends past `at` unless it also starts at or after `at`.
+        t = self.enc.char_to_token(at)
+        if t is None or t <= self.base or self.enc.token_to_chars(t - 1)[0] >= at:
+            return False
+        return None if self.enc.token_to_chars(t)[0] < at else t - self.base
+
+
+Tokens = tuple[list[int], "list[tuple[int, int]] | Offsets | None"]  # ids, character offsets (None: not known)
 
 
 def encode_texts(tokenizer, texts: list[str], as_text: bool) -> list[Tokens]:
@@ -131,7 +168,7 @@ def encode_texts(tokenizer, texts: list[str], as_text: bool) -> list[Tokens]:
     before = backend.encode_special_tokens
     backend.encode_special_tokens = as_text
     try:
-        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return [(e.ids, Offsets(e)) for e in backend.encode_batch(texts, add_special_tokens=False)]
     finally:
         backend.encode_special_tokens = before
 
@@ -183,7 +220,7 @@ def encode_marked(tokenizer, text: str, start: int = 0) -> Tokens:
                 "control_token_text", f"cannot encode {text[a:b]!r} as text: the tokenizer reads it as a token"
             )
         ids += p_ids
-        offs = offs + p_offs if offs is not None and p_offs is not None else None
+        offs = offs + list(p_offs) if offs is not None and p_offs is not None else None
     return ids, offs
 
 
@@ -191,6 +228,10 @@ def _split(offsets: list[tuple[int, int]] | None, at: int) -> int | None:
     """How many tokens lie before character `at`, or None when a token straddles it."""
     if offsets is None:
         return None
+    if isinstance(offsets, Offsets):
+        if (fast := offsets.split(at)) is not False:
+            return fast
+        offsets = list(offsets)
     # C-level scans (map/compress): this runs for every cut of every example.
     j = next(itertools.compress(itertools.count(), map(at.__le__, map(_START, offsets))), len(offsets))
     if max(map(_END, itertools.islice(offsets, j)), default=at) > at:
