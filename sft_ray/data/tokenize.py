@@ -95,17 +95,23 @@ class Encoded:
     truncated: bool
 
 
-def _backend(tokenizer):
-    """The Rust tokenizer behind `tokenizer`, or None where the class changes how text is encoded."""
+@lru_cache(maxsize=16)
+def _encodes_as_rust(cls: type) -> bool:
+    """Whether a tokenizer class encodes text exactly as its Rust tokenizer does (asked once per class:
+    this runs for every example)."""
     from transformers import PreTrainedTokenizerBase, TokenizersBackend
 
-    cls = type(tokenizer)
-    if (
-        isinstance(tokenizer, TokenizersBackend)
+    return (
+        issubclass(cls, TokenizersBackend)
         and cls.__call__ is PreTrainedTokenizerBase.__call__
         and cls._encode_plus is TokenizersBackend._encode_plus
-        and not hasattr(tokenizer, "_switch_to_input_mode")
-    ):
+        and not hasattr(cls, "_switch_to_input_mode")
+    )
+
+
+def _backend(tokenizer):
+    """The Rust tokenizer behind `tokenizer`, or None where the class changes how text is encoded."""
+    if _encodes_as_rust(type(tokenizer)):
         backend = tokenizer.backend_tokenizer
         # What a tokenizer call sets before encoding: no truncation, no padding.
         if backend.truncation is not None:
