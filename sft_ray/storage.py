@@ -6,6 +6,7 @@ path that works for one works for all.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,29 @@ def is_local(uri: str) -> bool:
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def fingerprint(uri: str) -> str:
+    """Content hash of a file, or of a folder's files by relative name (hidden ones, such as the
+    `.cache` that `hf download` leaves, left out); size and mtime on object stores (no download)."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        prefix = path.rstrip("/") + "/"
+        children = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        names = sorted(
+            c.path[len(prefix) :]
+            for c in children
+            if c.type == pafs.FileType.File and not any(p.startswith(".") for p in c.path[len(prefix) :].split("/"))
+        )
+        return hashlib.sha256(json.dumps([[n, fingerprint(join(uri, n))] for n in names]).encode()).hexdigest()
+    if not is_local(uri):
+        return f"{info.size}:{info.mtime_ns}"
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json(uri: str) -> dict:

@@ -9,8 +9,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import pyarrow.fs as pafs
-
 from sft_ray import storage
 from sft_ray.config import Config
 from sft_ray.data.errors import DataError
@@ -35,26 +33,6 @@ def specs(cfg: Config) -> list[dict]:
     return [{"split": split, **src.model_dump()} for split in SPLITS for src in getattr(cfg.data, split)]
 
 
-def fingerprint(uri: str) -> str:
-    """Content hash for local files; size and mtime for object stores (no full download)."""
-    fs, path = storage.filesystem(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        children = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        files = sorted(c.path for c in children if c.type == pafs.FileType.File)
-        prefix = path.rstrip("/") + "/"
-        return hashlib.sha256(
-            json.dumps([[f[len(prefix) :], fingerprint(storage.join(uri, f[len(prefix) :]))] for f in files]).encode()
-        ).hexdigest()
-    if not storage.is_local(uri):
-        return f"{info.size}:{info.mtime_ns}"
-    h = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_sources(cfg: Config) -> list[dict]:
     """specs(cfg), refusing a missing file before any work is done, with the config key that names it."""
     out = specs(cfg)
@@ -71,7 +49,7 @@ def cache_key(cfg: Config) -> str:
     """Hash of everything that changes the prepared rows."""
     model_dir = Path(cfg.model.path)
     if model_dir.is_dir():
-        tokenizer = {n: fingerprint(str(model_dir / n)) for n in TOKENIZER_FILES if (model_dir / n).exists()}
+        tokenizer = {n: storage.fingerprint(str(model_dir / n)) for n in TOKENIZER_FILES if (model_dir / n).exists()}
     else:
         tokenizer = {"hub_id": cfg.model.path}
     sources = check_sources(cfg)
@@ -79,7 +57,9 @@ def cache_key(cfg: Config) -> str:
     parts = {
         "version": PREP_VERSION,
         "tokenizer": tokenizer,
-        "chat_template": d.chat_template if d.chat_template in (None, "chatml") else fingerprint(d.chat_template),
+        "chat_template": d.chat_template
+        if d.chat_template in (None, "chatml")
+        else storage.fingerprint(d.chat_template),
         "chat_template_kwargs": d.chat_template_kwargs,
         "sources": [{**s, "path": f} for s, f in zip(sources, _source_fingerprints(cfg))],
         "max_length": d.max_length,
@@ -97,7 +77,7 @@ def _source_fingerprints(cfg: Config) -> list[str]:
     for split in SPLITS:
         for i, src in enumerate(getattr(cfg.data, split)):
             if not is_hub(src.path, src.data_files):
-                out.append(fingerprint(src.path))
+                out.append(storage.fingerprint(src.path))
                 continue
             try:
                 out.append(hub_fingerprint(src.model_dump()))
@@ -109,3 +89,7 @@ def _source_fingerprints(cfg: Config) -> list[str]:
 def plan_args(spec: dict) -> dict:
     """The `datasets.load_dataset` arguments of a source, as `plan_chunks` takes them."""
     return {k: spec[k] for k in HUB_KEYS}
+
+
+def _template_key(template: str | None) -> str | None:
+    return template if template in (None, "chatml") else storage.fingerprint(template)

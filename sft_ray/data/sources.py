@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from functools import lru_cache
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -259,6 +260,7 @@ def _hub_hint(path: str) -> str:
     )
 
 
+@lru_cache(maxsize=32)  # the cache key and the plan both ask, in the driver: one request
 def _hub_revision(path: str, revision: str | None) -> str | None:
     """The commit a hub id resolves to, asked once and quickly; under HF_HUB_OFFLINE, `revision` as given.
 
@@ -335,26 +337,6 @@ def _hub_records(chunk: dict) -> Iterator[tuple[str, str, bool]]:
         yield f"{prefix}{i}", json.dumps(row, default=str), False
 
 
-def _file_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _tree_hash(folder: str) -> str:
-    """Names and contents of a folder's files, hidden ones (.cache, .git) left out; not where it lives."""
-    entries = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith("."):
-                full = os.path.join(root, name)
-                entries.append([os.path.relpath(full, folder), _file_hash(full)])
-    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
-
-
 def hub_fingerprint(src: dict) -> str:
     """What the cache key holds for a hub source (`src`: `path` and the `HUB_KEYS`; other keys ignored).
 
@@ -368,13 +350,13 @@ def hub_fingerprint(src: dict) -> str:
     path, files = load["path"], load["data_files"] or []
     key: dict = {"name": load["name"], "split": load["split"]}
     if _is_local_dir(path):
-        key["folder"] = _tree_hash(path)
+        key["folder"] = storage.fingerprint(path)
     elif _is_builder(path):
         key["builder"] = path
     else:
         key["hub"], key["revision"] = path, _hub_revision(path, load["revision"])
     key["data_files"] = [
-        [_file_hash(f) for f in sorted(glob.glob(p, recursive=True)) if os.path.isfile(f)]
+        [storage.fingerprint(f) for f in sorted(glob.glob(p, recursive=True)) if os.path.isfile(f)]
         if "://" not in p and os.path.isabs(p)
         else p  # relative to the folder (hashed above) or to the hub repo (pinned by the commit)
         for p in files
