@@ -48,8 +48,12 @@ def new_counts(n_specs: int) -> dict:
     }
 
 
+def _width(max_length: int) -> int:
+    return max(1, math.ceil(max_length / HISTOGRAM_BINS))
+
+
 def _bins(lengths: list[int], max_length: int) -> list[int]:
-    width = max(1, math.ceil(max_length / HISTOGRAM_BINS))
+    width = _width(max_length)
     counts = [0] * HISTOGRAM_BINS
     for n in lengths:
         counts[min(HISTOGRAM_BINS - 1, (n - 1) // width)] += 1
@@ -136,7 +140,7 @@ def merge(total: dict, part: dict) -> None:
 
 
 def _histogram(counts: list[int], max_length: int) -> list[dict]:
-    width = max(1, math.ceil(max_length / HISTOGRAM_BINS))
+    width = _width(max_length)
     return [{"from": i * width + 1, "to": min(max_length, (i + 1) * width), "rows": c} for i, c in enumerate(counts)]
 
 
@@ -159,6 +163,7 @@ def manifest(cfg: Config, counts: dict) -> dict:
     splits = {}
     for split in SPLITS:
         s = dict(counts["splits"][split])
+        del s["written_tokens"], s["computed_tokens"]  # the layout's, below
         s["rows_dropped"] = dict(sorted(s["rows_dropped"].items()))
         s["rows_kept"] = s["rows_read"] - sum(s["rows_dropped"].values())
         s["trained_fraction"] = s["trained_tokens"] / s["tokens"] if s["tokens"] else 0.0

@@ -139,10 +139,8 @@ class Offsets(Sequence):
         return len(self.enc) - self.base
 
     def __getitem__(self, i):
-        if isinstance(i, slice):
-            if i.step is None and i.stop is None and (i.start or 0) >= 0:
-                return Offsets(self.enc, min(len(self.enc), self.base + (i.start or 0)))
-            return self.enc.offsets[self.base :][i]
+        if isinstance(i, slice) and i.step is None and i.stop is None and (i.start or 0) >= 0:
+            return Offsets(self.enc, min(len(self.enc), self.base + (i.start or 0)))  # what the cuts take
         return self.enc.offsets[self.base :][i]
 
     def __iter__(self):
