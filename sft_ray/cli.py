@@ -7,7 +7,9 @@ import sys
 
 from sft_ray.config import ConfigError, load_config
 from sft_ray.data.pipeline import DataError
+from sft_ray.lease import RunBusy
 from sft_ray.storage import StorageError
+from sft_ray.train.interrupt import Interrupted
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -147,6 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"sft-ray: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"sft-ray: {err}", file=sys.stderr)
+        return err.status
+    except RunBusy as err:
+        print(f"sft-ray: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sft-ray: interrupted before training started; nothing was trained", file=sys.stderr)
+        return 130
     except (DataError, StorageError, FileNotFoundError, FileExistsError) as err:
         print(f"sft-ray: {err}", file=sys.stderr)
         return 1

@@ -18,14 +18,28 @@ def ensure_ray() -> bool:
     # The dashboard (on 127.0.0.1 only) also serves the State API, which Ray Train's placement-group
     # cleaner needs: without it, a Tune trial stopped early keeps its workers' CPUs reserved and the
     # next trials never start (ray-project/ray#54305).
-    local_only = {"address": "local", "include_dashboard": True, "dashboard_host": "127.0.0.1"}
+    # Its State API calls find the dashboard through RAY_API_SERVER_ADDRESS, or else by looking for
+    # "the" Ray on the machine, which fails as soon as another one runs there (a notebook, a test
+    # session): "Found multiple active Ray instances". So the port is chosen here and every process
+    # of this instance is told it.
+    port = _free_port() if local else None
+    local_only = {"address": "local", "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}
+    if local:
+        env["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(
         logging_level=logging.WARNING,
-        runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}}
-        if local
-        else None,
+        runtime_env={"env_vars": env} if local else None,
         **(local_only if local else {}),
     )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     return local
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,6 +6,7 @@ path that works for one works for all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -71,15 +72,24 @@ def write_json(uri: str, obj: dict) -> None:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """Whole or not at all, and an error names the file (a full disk says only `[Errno 28]`)."""
     if is_local(uri):
         tmp = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
-        Path(tmp).parent.mkdir(parents=True, exist_ok=True)
-        Path(tmp).write_bytes(data)
-        os.replace(tmp, uri)
+        try:
+            Path(tmp).parent.mkdir(parents=True, exist_ok=True)
+            Path(tmp).write_bytes(data)
+            os.replace(tmp, uri)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise OSError(err.errno, f"cannot write {uri}: {err.strerror or err}") from err
         return
     fs, path = filesystem(uri)
-    with fs.open_output_stream(path) as f:  # an object store PUT is atomic
-        f.write(data)
+    try:
+        with fs.open_output_stream(path) as f:  # an object store PUT is atomic
+            f.write(data)
+    except (OSError, pa.ArrowException) as err:
+        raise OSError(getattr(err, "errno", None), f"cannot write {uri}: {err}") from err
 
 
 def delete_dir(uri: str) -> None:

@@ -92,7 +92,10 @@ class RunCallback(TrainerCallback):
     def __init__(
         self, counter: TokenCounter, run_dir: str, rank: int, device, tb_dir: str | None, fail: dict, async_upload: bool
     ):
+        from sft_ray.train.interrupt import StopWatch
+
         self.counter, self.run_dir, self.rank, self.device = counter, run_dir, rank, device
+        self.stop, self.interrupted = StopWatch(run_dir, rank), False
         self.tb_dir, self.fail, self.async_upload = tb_dir, fail, async_upload
         self.rates: list[float] = []  # trained tokens/s per log (the HF log history keeps no copy)
         self.logged = list(counter.totals)
@@ -107,7 +110,10 @@ class RunCallback(TrainerCallback):
                 self.lines = [line for line in f.read().decode().splitlines() if line.strip()]
 
     def on_train_begin(self, args, state, control, **kwargs):
+        """The trainer state is the checkpoint's by now: what an earlier attempt logged after it is
+        trained again by this one and replaced, so the file keeps one line per step."""
         self.training = True
+        self.lines = [line for line in self.lines if json.loads(line).get("step", 0) <= state.global_step]
 
     def on_train_end(self, args, state, control, **kwargs):
         self.training = False
@@ -117,6 +123,8 @@ class RunCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.busy += time.time() - self.step_start
+        if self.stop.requested(self.device):  # the driver was interrupted: save this step, then stop
+            control.should_save = control.should_training_stop = self.interrupted = True
         if self.fail.get("step") == state.global_step and self.fail.get("rank") == self.rank:
             self._crash_once()
 

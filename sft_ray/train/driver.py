@@ -10,8 +10,12 @@ import os
 from sft_ray import storage
 from sft_ray.config import Config
 from sft_ray.data.pipeline import check_sources, prepare
+from sft_ray.lease import Lease
 from sft_ray.ray_runtime import ensure_ray
+from sft_ray.train.checkpoints import resume_point
 from sft_ray.train.final import run_dir, stored_config, stored_summary
+from sft_ray.train.interrupt import Interrupted, stop_on_signals
+from sft_ray.train.shards import check_batch, total_steps
 
 
 def _check_resources(cfg: Config) -> None:
@@ -55,6 +59,10 @@ def fit(
 
     from sft_ray.train.worker import train_loop
 
+    check_batch(cfg, manifest)
+    point = resume_point(run_dir(cfg), cfg.scaling.num_workers)
+    if point is not None:
+        print(f"resuming {cfg.name} from {point[0]} (step {point[1]} of {total_steps(cfg, manifest)})", flush=True)
     has_eval = manifest["splits"]["eval"]["rows_written"] > 0
     trainer = TorchTrainer(
         train_loop,
@@ -104,13 +112,26 @@ def _finished(cfg: Config) -> dict | None:
 
 
 def train(cfg: Config) -> dict:
-    """Run one training job end to end; returns rank 0's summary."""
+    """Run one training job end to end; returns rank 0's summary.
+
+    Raises RunBusy while another driver runs this name, Interrupted after a signal stopped it at a
+    checkpoint."""
     storage.check_writable(cfg.storage.path)
-    if (done := _finished(cfg)) is not None:
-        return done
-    check_sources(cfg)  # before Ray starts: a wrong path fails in a second, not after the start-up
-    started_local = ensure_ray()
-    if started_local:
-        _check_resources(cfg)
-    prepared, manifest = prepare(cfg)
-    return fit(cfg, prepared, manifest).return_value
+    with Lease(run_dir(cfg), cfg.name):
+        if (done := _finished(cfg)) is not None:
+            return done
+        check_sources(cfg)  # before Ray starts: a wrong path fails in a second, not after the start-up
+        started_local = ensure_ray()
+        if started_local:
+            _check_resources(cfg)
+        prepared, manifest = prepare(cfg)
+        with stop_on_signals(run_dir(cfg), cfg.name) as got:
+            result = fit(cfg, prepared, manifest)
+        summary = result.return_value
+        if summary.get("interrupted"):
+            where = os.path.basename(result.checkpoint.path.rstrip("/")) if result.checkpoint else "its start"
+            raise Interrupted(
+                f"interrupted at step {summary['global_step']}; rerun the same command to resume from {where}",
+                128 + (got["signal"] or 2),
+            )
+        return summary

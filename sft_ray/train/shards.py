@@ -116,6 +116,27 @@ def rows_per_worker(manifest: dict, world: int, batch_size: int) -> int:
     return math.ceil(math.ceil(n / world) / batch_size) * batch_size
 
 
+def check_batch(cfg, manifest: dict) -> None:
+    """A batch no worker can fill would be made of filler rows (even_out): refused with the key."""
+    n = sum(f["rows"] for f in manifest["splits"]["train"]["files"])
+    world, batch = cfg.scaling.num_workers, cfg.train.per_device_batch_size
+    if batch > math.ceil(n / world):
+        raise ValueError(
+            f"train.per_device_batch_size={batch} is larger than the {math.ceil(n / world)} rows each of the "
+            f"{world} workers trains per epoch ({n} prepared train rows); lower it to at most {math.ceil(n / world)}"
+        )
+
+
+def total_steps(cfg, manifest: dict) -> int:
+    """Optimizer steps of the whole run, counted as the HF Trainer counts them."""
+    t = cfg.train
+    if t.max_steps:
+        return t.max_steps
+    batches = rows_per_worker(manifest, cfg.scaling.num_workers, t.per_device_batch_size) // t.per_device_batch_size
+    per_epoch = max(batches // t.gradient_accumulation_steps + int(batches % t.gradient_accumulation_steps > 0), 1)
+    return math.ceil(t.epochs * per_epoch)
+
+
 def even_out(ds, rows: int, pad_token_id: int):
     """Append rows with no trained token up to `rows`, so that every worker runs the same number of
     full batches. Accelerate would otherwise fill the last round by repeating rows: some rows would be

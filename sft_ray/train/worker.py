@@ -99,13 +99,16 @@ def _sft_config(cfg: Config, output_dir: str, device, has_eval: bool, resumed: b
     )
 
 
-def _local_dir(name: str) -> str:
+def _local_dir(name: str, run_dir: str) -> str:
     """One fresh folder per attempt, the same on every rank of a node (rank 0 picks, all agree).
 
     The folders that earlier attempts of this run left on this node go first: an attempt that was
     killed never reached its own clean-up, and its HF checkpoints (with optimizer state) would
     otherwise pile up with every restart. Their workers are gone: Ray Train stops a worker group
-    before it starts the next."""
+    before it starts the next, and the run's lease (sft_ray/lease.py) lets one driver run it. The
+    run's storage path is part of the name: a run of the same name in other storage is another run.
+    """
+    import hashlib
     import re
     import uuid
 
@@ -114,8 +117,9 @@ def _local_dir(name: str) -> str:
     box = [uuid.uuid4().hex[:8]]
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
-    path = os.path.join(tempfile.gettempdir(), "sft-ray", f"{name}-{box[0]}")
-    earlier = re.compile(re.escape(os.path.basename(name)) + "-[0-9a-f]{8}")
+    run = hashlib.sha256(run_dir.encode()).hexdigest()[:6]
+    path = os.path.join(tempfile.gettempdir(), "sft-ray", f"{name}-{run}-{box[0]}")
+    earlier = re.compile(re.escape(f"{os.path.basename(name)}-{run}-") + "[0-9a-f]{8}")
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(os.path.dirname(path)):
             if entry.path != path and earlier.fullmatch(entry.name):
@@ -191,7 +195,7 @@ def train_loop(loop_config: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     run_dir = storage.join(cfg.storage.path, cfg.name)
-    output_dir = _local_dir(cfg.name)
+    output_dir = _local_dir(cfg.name, run_dir)
     tb_dir = os.path.join(output_dir, "tensorboard") if "tensorboard" in cfg.train.report_to else None
     if tb_dir:
         os.environ["TENSORBOARD_LOGGING_DIR"] = tb_dir
@@ -241,6 +245,11 @@ def train_loop(loop_config: dict) -> dict:
             result = trainer.train(resume_from_checkpoint=ckpt_dir)
     else:
         result = trainer.train()
+    if callback.interrupted:  # saved at this step and handed to Ray Train; final/ waits for the rerun
+        callback.upload_logs()
+        ray.train.report({"interrupted": 1, "step": trainer.state.global_step})
+        _clean_scratch(output_dir)
+        return {"interrupted": True, "global_step": trainer.state.global_step}
     kept = _kept_final(cfg, trainer.state.global_step, start_step, rank)
     if kept is not None:
         after = {"eval_loss": kept["eval_loss_after"]} if kept.get("eval_loss_after") is not None else {}
@@ -270,8 +279,13 @@ def train_loop(loop_config: dict) -> dict:
     if "eval_loss" in after:
         final_metrics["eval_loss"] = after["eval_loss"]
     ray.train.report(final_metrics)
-    # Local scratch goes (what is kept is in storage), except the staged uploads (`upload-*`) that
-    # Ray may still be copying in the background and deletes itself once done.
+    _clean_scratch(output_dir)
+    return summary
+
+
+def _clean_scratch(output_dir: str) -> None:
+    """Local scratch goes (what is kept is in storage), except the staged uploads (`upload-*`) that
+    Ray may still be copying in the background and deletes itself once done."""
     for entry in os.scandir(output_dir):
         if entry.name.startswith("upload-"):
             continue
@@ -280,4 +294,3 @@ def train_loop(loop_config: dict) -> dict:
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(entry.path)
-    return summary

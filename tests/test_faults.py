@@ -1,0 +1,207 @@
+"""Faults a real cluster throws: damaged checkpoints, an unreadable checkpoint list, two drivers with
+one name, an oversized batch. One trained run (2 CPU workers, checkpoints at steps 2, 4 and 6) is
+shared; each test damages its own copy."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import make_config, write_jsonl
+
+ROWS = [{"question": f"What is {i} plus one?", "output": f"{i + 1}"} for i in range(48)]
+
+
+def _cfg(tmp_path, tiny_model, storage, name="run", **train):
+    return make_config(
+        tmp_path,
+        tiny_model,
+        write_jsonl(tmp_path / "train.jsonl", ROWS),
+        write_jsonl(tmp_path / "eval.jsonl", ROWS[:8]),
+        name=name,
+        lora={"dropout": 0.0},
+        train={
+            "max_steps": 6,
+            "per_device_batch_size": 4,
+            "learning_rate": 3e-3,
+            "logging_steps": 1,
+            "eval_steps": 2,
+            "save_steps": 2,
+            "samples": 0,
+            **train,
+        },
+        scaling={"num_workers": 2},
+        storage={"path": str(storage), "keep_checkpoints": 3},
+    )
+
+
+def _steps(run) -> list[int]:
+    return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model, ray_local):
+    """A finished 6-step run; tests copy its folder (checkpoints, list, metrics) into their own storage."""
+    from sft_ray.train.driver import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    summary = train(_cfg(tmp, tiny_model, tmp / "storage"))
+    assert summary["global_step"] == 6
+    return tmp / "storage" / "run"
+
+
+def _copy(trained, tmp_path):
+    storage = tmp_path / "storage"
+    shutil.copytree(trained, storage / "run", ignore=shutil.ignore_patterns("final"))
+    return storage, storage / "run"
+
+
+def test_checkpoints_of_a_trained_run_verify(trained):
+    from sft_ray.train.checkpoints import verify
+
+    assert sorted(p.name for p in trained.glob("checkpoint-*")) == [f"checkpoint-000000{s}" for s in (2, 4, 6)]
+    assert [verify(str(trained / f"checkpoint-000000{s}"), world=2) for s in (2, 4, 6)] == [2, 4, 6]
+
+
+def test_missing_optimizer_is_set_aside_and_the_previous_checkpoint_used(trained, tmp_path):
+    """Deleting the latest optimizer.pt resumed silently with a fresh optimizer before."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+    from sft_ray.train.checkpoints import resume_point
+
+    _, run = _copy(trained, tmp_path)
+    (run / "checkpoint-0000006" / "optimizer.pt").unlink()
+    said: list[str] = []
+    assert resume_point(str(run), 2, said.append) == ("checkpoint-0000004", 4)
+    assert len(said) == 1 and "checkpoint-0000006/optimizer.pt: missing" in said[0], said
+    assert "resuming from checkpoint-0000004" in said[0]
+    assert not (run / "checkpoint-0000006").exists() and len(list(run.glob("checkpoint-0000006.damaged-*"))) == 1
+    snap = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    _CheckpointManagerState.parse_obj(snap)  # still Ray's format
+    assert snap["latest_checkpoint_result"]["checkpoint_dir_name"] == "checkpoint-0000004"
+    assert [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]] == ["checkpoint-0000002", "checkpoint-0000004"]
+    # A sound list is left as it is.
+    before = (run / "checkpoint_manager_snapshot.json").read_bytes()
+    assert resume_point(str(run), 2, said.append) == ("checkpoint-0000004", 4) and len(said) == 1
+    assert (run / "checkpoint_manager_snapshot.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "damage,why",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:-100]), "adapter_model.safetensors: truncated"),
+        (lambda p: p.write_bytes(b""), "adapter_model.safetensors: empty"),
+        (lambda p: (p.parent / "trainer_state.json").write_text("{half"), "trainer_state.json: not valid JSON"),
+        (lambda p: (p.parent / "rng_state_1.pth").unlink(), "rng_state_1.pth: missing"),
+        (
+            lambda p: (p.parent / "scheduler.pt").write_bytes((p.parent / "scheduler.pt").read_bytes()[:50]),
+            "scheduler.pt: unreadable",
+        ),
+    ],
+)
+def test_each_damaged_file_is_named(trained, tmp_path, damage, why):
+    from sft_ray.train.checkpoints import Damaged, verify
+
+    _, run = _copy(trained, tmp_path)
+    damage(run / "checkpoint-0000006" / "adapter_model.safetensors")
+    with pytest.raises(Damaged, match=why.replace(".", r"\.")):
+        verify(str(run / "checkpoint-0000006"), world=2)
+
+
+@pytest.mark.slow
+def test_unreadable_list_and_truncated_adapter_resume_from_the_last_whole_checkpoint(
+    trained, tmp_path, tiny_model, capsys
+):
+    """An empty checkpoint list (a full disk) failed every rerun with CheckpointManagerInitializationError,
+    and a truncated adapter with a raw SafetensorError. Now: rebuilt, resumed, one line per step."""
+    from sft_ray.train.driver import train
+
+    storage, run = _copy(trained, tmp_path)
+    (run / "checkpoint_manager_snapshot.json").write_bytes(b"")
+    adapter = run / "checkpoint-0000006" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:1000])
+    summary = train(_cfg(tmp_path, tiny_model, storage, max_steps=8))
+    out = capsys.readouterr().out
+    assert "checkpoint_manager_snapshot.json is unreadable" in out, out
+    assert "checkpoint-0000006/adapter_model.safetensors: truncated" in out
+    assert "resuming run from checkpoint-0000004 (step 4 of 8)" in out
+    assert summary["global_step"] == 8
+    # Steps 5 and 6 were logged by the first run and again by this one: the file keeps one line each.
+    assert _steps(run) == list(range(1, 9))
+    assert (run / "final" / "COMPLETE").exists()
+
+
+def test_oversized_batch_is_refused_before_any_worker_starts(trained, tmp_path, tiny_model):
+    """per_device_batch_size=100000 on 48 rows appended 99,976 filler rows per worker and ran the node out of memory."""
+    from sft_ray.train.driver import train
+
+    cfg = _cfg(tmp_path, tiny_model, tmp_path / "storage", per_device_batch_size=100000)
+    started = time.time()
+    with pytest.raises(ValueError, match=r"train.per_device_batch_size=100000 is larger than the 24 rows each of the 2"):
+        train(cfg)
+    assert time.time() - started < 60
+    assert not list((tmp_path / "storage" / "run").glob("checkpoint-*"))
+
+
+# -- one driver per name ------------------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_second_driver_of_the_same_name_is_refused_with_the_owner(tmp_path):
+    from sft_ray.lease import Lease, RunBusy
+
+    run = str(tmp_path / "storage" / "run")
+    with Lease(run, "run"):
+        with pytest.raises(RunBusy) as err:
+            Lease(run, "run").acquire()
+        assert f"pid {os.getpid()} on host {socket.gethostname()}" in str(err.value)
+        assert "run run is already running" in str(err.value)
+    with Lease(run, "run"):  # released: free again
+        pass
+    assert not os.path.exists(os.path.join(run, ".lease.json"))
+
+
+def test_a_stale_lease_is_taken_over(tmp_path, capsys):
+    from sft_ray import lease
+    from sft_ray.lease import Lease, RunBusy
+
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / ".lease.json"
+    now = time.time()
+    here = {"host": socket.gethostname(), "started": now, "heartbeat": now, "token": "x"}
+    # Same host, its pid gone: taken over at once.
+    path.write_text(json.dumps({**here, "pid": _dead_pid()}))
+    with Lease(str(run), "run") as held:
+        assert json.loads(path.read_text())["token"] == held.record["token"]
+    assert "whose driver is gone" in capsys.readouterr().out
+    # Another host: alive while its heartbeat is fresh, stale after STALE_S without one.
+    path.write_text(json.dumps({**here, "host": "elsewhere", "pid": 1}))
+    with pytest.raises(RunBusy, match="pid 1 on host elsewhere"):
+        Lease(str(run), "run").acquire()
+    old = now - lease.STALE_S - 5
+    path.write_text(json.dumps({**here, "host": "elsewhere", "pid": 1, "heartbeat": old}))
+    with Lease(str(run), "run"):
+        pass
+
+
+def test_lease_on_s3(s3_bucket, monkeypatch):
+    from sft_ray import lease
+    from sft_ray.lease import Lease, RunBusy
+
+    monkeypatch.setattr(lease, "SETTLE_S", 0.2)
+    run = f"s3://{s3_bucket}/runs/run"
+    with Lease(run, "run"):
+        with pytest.raises(RunBusy, match=f"pid {os.getpid()}"):
+            Lease(run, "run").acquire()
+    with Lease(run, "run"):
+        pass
