@@ -37,7 +37,8 @@ class RunBusy(RuntimeError):
     """Another live driver holds the run's name."""
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host is running (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -51,7 +52,7 @@ def _stale(record: dict | None, age_s: float) -> bool:
     """Whether the lease's driver is gone. `age_s`: seconds since its last heartbeat."""
     if record is None:  # unreadable: a driver that died while creating it, or one creating it now
         return age_s > STALE_S
-    if record.get("host") == socket.gethostname() and not _alive(int(record.get("pid", 0))):
+    if record.get("host") == socket.gethostname() and not process_alive(int(record.get("pid", 0))):
         return True
     return age_s > STALE_S
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from sft_ray import storage
 from sft_ray.config import Config
 from sft_ray.data.errors import DataError
-from sft_ray.data.sources import HUB_KEYS, HubSourceError, hub_fingerprint, is_hub
+from sft_ray.data.sources import HUB_KEYS, HubSourceError, check_file, hub_fingerprint, is_hub
 
 # Bump when the output of preparation changes for the same inputs (invalidates the cache).
 PREP_VERSION = 4  # 4: one file per chunk and split, packed rows carry seq_lengths instead of position_ids
@@ -34,12 +34,19 @@ def specs(cfg: Config) -> list[dict]:
 
 
 def check_sources(cfg: Config) -> list[dict]:
-    """specs(cfg), refusing a missing file before any work is done, with the config key that names it."""
+    """specs(cfg), refusing a missing file or one that holds no records before any work is done (Ray
+    not started), with the config key that names it."""
     out = specs(cfg)
     for split in SPLITS:
         for i, src in enumerate(getattr(cfg.data, split)):
-            if not is_hub(src.path, src.data_files) and not storage.exists(src.path):
+            if is_hub(src.path, src.data_files):
+                continue
+            if not storage.exists(src.path):
                 raise DataError(f"data.{split}[{i}].path: no such file or folder: {src.path}")
+            try:
+                check_file(src.path)
+            except ValueError as err:
+                raise DataError(f"data.{split}[{i}].path: {err}") from None
     if cfg.data.chat_template not in (None, "chatml") and not storage.exists(cfg.data.chat_template):
         raise DataError(f"data.chat_template: no such file: {cfg.data.chat_template} (the built-in is `chatml`)")
     return out

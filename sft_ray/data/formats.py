@@ -43,12 +43,20 @@ ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = ("role", "content", "reasoning_content", "tool_calls", "tool_call_id", "name")
 
 
+def _absent(record: dict, key: str) -> BadRow:
+    """A required field that is not there: a null value is told apart from a missing key, since
+    they are different mistakes (a null is often a failed generation or an export's empty cell)."""
+    if key in record:
+        return BadRow("null_field", f"field '{key}' is null")
+    return BadRow("missing_field", f"missing field '{key}'")
+
+
 def _field(record: dict, fields: dict, name: str, *, required: bool = True) -> str:
     key = fields.get(name, name)
     value = record.get(key)
     if value is None:
         if required:
-            raise BadRow("missing_field", f"missing field '{key}'")
+            raise _absent(record, key)
         return ""
     if not isinstance(value, str):
         raise BadRow("wrong_type", f"field '{key}' must be a string, got {type(value).__name__}")
@@ -127,10 +135,14 @@ def _content(i: int, role: str, content: object) -> str | None:
 
 
 def _message(i: int, m: object) -> dict:
+    content_key = "content"
     if isinstance(m, dict) and "role" not in m and "from" in m:
         if m["from"] not in SHAREGPT_ROLES:
             raise BadRow("unknown_role", f"message {i} has unknown ShareGPT 'from' {m['from']!r}")
-        m = {**m, "role": SHAREGPT_ROLES[m["from"]], "content": m.get("value")}
+        content_key = "value"
+        m = {**{k: v for k, v in m.items() if k != "content"}, "role": SHAREGPT_ROLES[m["from"]]}
+        if "value" in m:
+            m["content"] = m["value"]
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise BadRow("wrong_type", f"message {i} must be an object with a string 'role' (or ShareGPT's 'from')")
     if m["role"] not in ROLES:
@@ -143,11 +155,18 @@ def _message(i: int, m: object) -> dict:
     if reasoning is not None and not isinstance(reasoning, str):
         raise BadRow("wrong_type", f"message {i}: 'reasoning_content' must be a string")
     if m["role"] == "assistant" and not ((content or "").strip() or calls or (reasoning or "").strip()):
-        raise BadRow("empty_response", f"assistant message {i} has no content, reasoning or tool calls")
+        null = f" ('{content_key}' is null)" if content is None and "content" in m else ""
+        raise BadRow("empty_response", f"assistant message {i} has no content{null}, reasoning or tool calls")
     if content is None and m["role"] != "assistant":
-        raise BadRow("missing_field", f"message {i} ({m['role']}) has no 'content'")
-    m = {**m, "content": content}
-    return {k: m[k] for k in MESSAGE_KEYS if m.get(k) is not None}
+        if "content" in m:
+            raise BadRow("null_field", f"message {i} ({m['role']}): '{content_key}' is null")
+        raise BadRow("missing_field", f"message {i} ({m['role']}) has no '{content_key}'")
+    out = {k: m[k] for k in MESSAGE_KEYS if m.get(k) is not None and k != "content"}
+    if content is not None or calls:
+        # A tool-call turn without text keeps `content: None`, as OpenAI and HF datasets write it:
+        # templates test for it (DeepSeek-R1 writes the calls only when `content is none`).
+        out["content"] = content
+    return out
 
 
 def _messages(record: dict, fields: dict) -> tuple[list[dict], list | None]:
@@ -156,7 +175,7 @@ def _messages(record: dict, fields: dict) -> tuple[list[dict], list | None]:
         key = "conversations"  # ShareGPT's name for them
     msgs = record.get(key)
     if msgs is None:
-        raise BadRow("missing_field", f"missing field '{key}'")
+        raise _absent(record, key)
     if not isinstance(msgs, list) or not msgs:
         raise BadRow("wrong_type", f"field '{key}' must be a non-empty list of messages")
     msgs = [_message(i, m) for i, m in enumerate(msgs)]

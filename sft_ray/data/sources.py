@@ -8,7 +8,7 @@ cuts each source into chunks (line-aligned byte ranges, parquet row groups, arro
 a streamed hub dataset) so Ray Data reads them in parallel, and every record carries `where`
 (`file:line`, `file row N` or `org/name[split] shard S row N`) for error messages. Records travel
 as JSON text and are parsed next to tokenization, so one malformed line is reported instead of
-failing a whole read.
+failing a whole read. A UTF-8 byte order mark at the start of a JSON or JSONL file is skipped.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ CHUNK_BYTES = 4 << 20
 HUB_KEYS = ("hub_split", "subset", "data_files", "revision")  # DatasetSource's load_dataset arguments
 HUB_PROBE_TIMEOUT_S = 10.0  # one request to the hub at plan time, so an unreachable hub fails in seconds
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, as some Windows tools write at the start of a text file
+HEAD_BYTES = 1 << 16
 
 
 class HubSourceError(ValueError):
@@ -166,6 +168,77 @@ def _line_ranges(uri: str, chunk_bytes: int) -> list[dict]:
     return chunks
 
 
+def check_file(uri: str) -> None:
+    """Refuse a whole-file problem (unknown type, no records, a .json that is not an array of records)
+    on the driver, before any Ray work: one line naming the file, not a failed Ray task per chunk.
+
+    Only the start of a file is read: a .json is judged by its first value or first lines, as the
+    reader will take it (one JSON array, or JSON lines).
+    """
+    kind = source_kind(uri)
+    if kind not in ("jsonl", "json"):
+        return
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        head = _read_past_blanks(f, f.read(HEAD_BYTES).removeprefix(BOM))
+        problem = "the file is empty" if not head else _json_problem(f, head) if kind == "json" else None
+    if problem:
+        expected = "an array of records (JSON objects), or JSON lines" if kind == "json" else "one JSON record a line"
+        raise ValueError(f"{uri}: {problem}; expected {expected}")
+
+
+def _read_past_blanks(f, data: bytes) -> bytes:
+    """`data` and what follows it in `f`, from its first non-blank byte (empty at the end of the file)."""
+    data = data.lstrip()
+    while not data and (block := f.read(HEAD_BYTES)):
+        data = block.lstrip()
+    return data
+
+
+def _json_type(start: bytes) -> str:
+    """The type of the JSON value that starts with `start`."""
+    names = {b"{": "object", b"[": "array", b'"': "string", b"t": "boolean", b"f": "boolean", b"n": "null"}
+    return names.get(start[:1], "number")
+
+
+def _json_problem(f, head: bytes) -> str | None:
+    """What a .json file starting with `head` (non-blank) holds instead of records, or None."""
+    if head.startswith(b"["):
+        first = _read_past_blanks(f, head[1:])
+        if first.startswith(b"]"):
+            return "it holds an empty JSON array"
+        if first and not first.startswith(b"{"):
+            return f"it holds a JSON array of {_json_type(first)} values"
+        return None
+    lines = _first_lines(f, head)
+    if _parses(lines[0]):
+        return f"it holds one JSON {_json_type(lines[0].strip())}" if len(lines) == 1 else None
+    # Not JSON lines with a bad first line (a row to report) but one object written over many lines.
+    next_is_record = len(lines) > 1 and lines[1].strip().startswith(b"{") and _parses(lines[1])
+    return "it holds a JSON object" if head.startswith(b"{") and not next_is_record else None
+
+
+def _first_lines(f, head: bytes) -> list[bytes]:
+    """The first two non-blank lines of a file that goes on from `head` in `f` (fewer at its end)."""
+    while True:
+        parts = head.split(b"\n")
+        lines = [p for p in parts[:-1] if p.strip()]
+        if len(lines) >= 2:
+            return lines[:2]
+        block = f.read(HEAD_BYTES)
+        if not block:
+            return [p for p in parts if p.strip()][:2]
+        head += block
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
 def unit_hash(seed: int, salt: str, where: str) -> float:
     """A stable number in [0, 1) per record: seeded sampling that does not depend on row order."""
     digest = hashlib.blake2b(f"{seed}:{salt}:{where}".encode(), digest_size=8).digest()
@@ -192,10 +265,10 @@ def _records(chunk: dict) -> Iterator[tuple[str, str, bool]]:
         with fs.open_input_file(path) as f:
             f.seek(chunk["start"])
             data = f.read(chunk["end"] - chunk["start"])
-        yield from _lines(src, data, chunk["first"])
+        yield from _lines(src, data.removeprefix(BOM) if chunk["start"] == 0 else data, chunk["first"])
     elif kind == "json":
         with fs.open_input_stream(path) as f:
-            data = f.read()
+            data = f.read().removeprefix(BOM)
         try:
             records = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError):
