@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CPU_TORCH ?= torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: install demo test lint format clean bench-data bench-train bench-scale
+.PHONY: install demo test test-fast lint format clean bench-data bench-train bench-scale
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ demo: install models/tiny/config.json
 
 test: install
 	$(VENV)/bin/pytest -q --durations=10
+
+# The tests that start no Ray (neither the session's embedded one nor test_jobs' cluster): seconds, not minutes.
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not ray and not slow"
 
 lint: install
 	$(VENV)/bin/ruff check sft_ray jobs tests

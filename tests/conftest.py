@@ -21,6 +21,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip)
+        # `ray`: starts the session's embedded Ray, asked for directly or through another fixture
+        # (`make test-fast` leaves these out; `make test` runs them).
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture(scope="session")

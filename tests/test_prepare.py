@@ -242,10 +242,15 @@ def test_eval_carved_from_train_and_packing(tmp_path, tiny_model, tokenizer, ray
     # best-fit-decreasing is within one row of the lower bound on this data
     assert layout["rows"] <= -(-layout["real_tokens"] // 128) + 1
     assert layout["real_fraction"] == layout["real_tokens"] / (128 * packed.num_rows)
-    # The carve is seeded: another seed, another split.
+    # The carve is seeded: another seed is another preparation (its own cache key, not a reuse of
+    # the first) that carves other rows, and still each row once, in train or in eval.
     cfg.data.seed = 7
-    _, other = prepare(cfg)
-    assert other["splits"]["eval"]["rows_written"] != n_eval or cache_key(cfg) != out.rsplit("/", 1)[1]
+    other_out, other = prepare(cfg)
+    assert other_out.rsplit("/", 1)[1] == cache_key(cfg) != out.rsplit("/", 1)[1]
+    other_evals = _trained_texts(tokenizer, pq.read_table(f"{other_out}/eval"))
+    assert len(other_evals) == other["splits"]["eval"]["rows_written"]
+    assert other["splits"]["train"]["rows_kept"] == 200 - len(other_evals)
+    assert sorted(other_evals) != sorted(evals)
 
 
 def test_cache_reuse_invalidation_and_crash_safety(tmp_path, tiny_model, ray_local, capsys):
