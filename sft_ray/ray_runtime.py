@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 
 
 def ensure_ray() -> bool:
@@ -27,11 +29,20 @@ def ensure_ray() -> bool:
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}
     if local:
         env["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(
-        logging_level=logging.WARNING,
-        runtime_env={"env_vars": env} if local else None,
-        **(local_only if local else {}),
-    )
+    # Ctrl-C in a terminal signals the whole foreground process group, and the embedded instance's
+    # daemons (GCS, raylet, dashboard) are in it: they would die before the driver could stop the
+    # run at a checkpoint (train/interrupt.py). Started while SIGINT is ignored, they inherit that.
+    shield = local and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if shield else None
+    try:
+        ray.init(
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": env} if local else None,
+            **(local_only if local else {}),
+        )
+    finally:
+        if shield:
+            signal.signal(signal.SIGINT, previous)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     return local

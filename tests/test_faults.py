@@ -5,6 +5,7 @@ shared; each test damages its own copy."""
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -83,7 +84,8 @@ def test_missing_optimizer_is_set_aside_and_the_previous_checkpoint_used(trained
     snap = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
     _CheckpointManagerState.parse_obj(snap)  # still Ray's format
     assert snap["latest_checkpoint_result"]["checkpoint_dir_name"] == "checkpoint-0000004"
-    assert [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]] == ["checkpoint-0000002", "checkpoint-0000004"]
+    kept = [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]]
+    assert kept == ["checkpoint-0000002", "checkpoint-0000004"]
     # A sound list is left as it is.
     before = (run / "checkpoint_manager_snapshot.json").read_bytes()
     assert resume_point(str(run), 2, said.append) == ("checkpoint-0000004", 4) and len(said) == 1
@@ -135,19 +137,55 @@ def test_unreadable_list_and_truncated_adapter_resume_from_the_last_whole_checkp
     assert (run / "final" / "COMPLETE").exists()
 
 
+@pytest.mark.slow
+def test_full_disk_names_the_path_and_the_rerun_resumes(tmp_path, tiny_model, ray_local):
+    """On a 400 KB filesystem the run failed with a bare `[Errno 28]` and left a 0-byte checkpoint list
+    that made every rerun fail, even after space was freed."""
+    from sft_ray.train.driver import train
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        cfg = _cfg(tmp_path, tiny_model, disk)
+        with pytest.raises(Exception) as err:
+            train(cfg)
+        message = str(err.value)
+        assert "No space left on device" in message and str(disk) in message, message
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        summary = train(cfg)
+        assert summary["global_step"] == 6
+        assert _steps(disk / "run") == list(range(1, 7))
+        assert not list(disk.rglob("*.tmp-*"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 def test_oversized_batch_is_refused_before_any_worker_starts(trained, tmp_path, tiny_model):
     """per_device_batch_size=100000 on 48 rows appended 99,976 filler rows per worker and ran the node out of memory."""
     from sft_ray.train.driver import train
 
     cfg = _cfg(tmp_path, tiny_model, tmp_path / "storage", per_device_batch_size=100000)
     started = time.time()
-    with pytest.raises(ValueError, match=r"train.per_device_batch_size=100000 is larger than the 24 rows each of the 2"):
+    refused = r"train.per_device_batch_size=100000 is larger than the 24 rows each of the 2 workers"
+    with pytest.raises(ValueError, match=refused):
         train(cfg)
     assert time.time() - started < 60
     assert not list((tmp_path / "storage" / "run").glob("checkpoint-*"))
 
 
 # -- one driver per name ------------------------------------------------------------------------
+
+
+def test_ray_train_sigint_handler_is_where_the_driver_turns_it_off():
+    """driver.fit replaces this method on its trainer: Ray's handler would abort without a checkpoint."""
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    assert callable(vars(DataParallelTrainer)["_register_sigint_handler"])
 
 
 def _dead_pid() -> int:
@@ -205,3 +243,83 @@ def test_lease_on_s3(s3_bucket, monkeypatch):
             Lease(run, "run").acquire()
     with Lease(run, "run"):
         pass
+
+
+# -- interrupts, a second driver, another Ray on the machine: real `sft-ray train` processes -----
+
+
+def _driver(cfg_file, out, *overrides):
+    """`sft-ray train` in its own session (its own embedded Ray: the test session's Ray is the other
+    instance on the machine), as a terminal would run it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    return subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "sft-ray"), "train", "--config", str(cfg_file), *overrides],
+        stdout=open(out, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def _wait_for(cond, proc, out, timeout=240):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"driver exited with {proc.returncode}:\n{out.read_text()[-3000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out:\n{out.read_text()[-3000:]}")
+
+
+def _checkpoints(run) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_signals_stop_at_a_checkpoint_and_a_second_driver_is_refused(tmp_path, tiny_model, ray_local):
+    import yaml
+
+    cfg = _cfg(tmp_path, tiny_model, tmp_path / "storage", max_steps=400, save_steps=10, eval_steps=1000)
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    run = tmp_path / "storage" / "run"
+
+    # 1. SIGTERM (a spot node's notice, `ray job stop`) once training has begun; meanwhile a second
+    #    driver of the same name is refused, naming the first.
+    first = _driver(cfg_file, tmp_path / "first.log")
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and len(_steps(run)) >= 3, first, tmp_path / "first.log")
+    second = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "sft-ray"), "train", "--config", str(cfg_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert second.returncode == 1
+    assert f"run run is already running: pid {first.pid} on host {socket.gethostname()}" in second.stderr
+    os.kill(first.pid, signal.SIGTERM)
+    assert first.wait(timeout=180) == 143
+    log = (tmp_path / "first.log").read_text()
+    stopped = max(_steps(run))
+    assert f"interrupted at step {stopped}; rerun the same command to resume from checkpoint-{stopped:07d}" in log, log
+    assert "Found multiple active Ray instances" not in log
+    assert _checkpoints(run)[-1] == stopped  # saved at the step it stopped, not at the last save interval
+    assert not (run / "final").exists()
+
+    # 2. Ctrl-C in a terminal: SIGINT to the driver's whole process group.
+    again = _driver(cfg_file, tmp_path / "again.log")
+    _wait_for(lambda: max(_steps(run)) >= stopped + 3, again, tmp_path / "again.log")
+    os.killpg(again.pid, signal.SIGINT)
+    assert again.wait(timeout=180) == 130
+    log = (tmp_path / "again.log").read_text()
+    assert f"resuming run from checkpoint-{stopped:07d} (step {stopped} of 400)" in log, log
+    second_stop = max(_steps(run))
+    assert f"interrupted at step {second_stop}; rerun the same command" in log, log
+
+    # 3. A rerun (shortened to end soon) finishes from there: every step trained and logged once.
+    last = _driver(cfg_file, tmp_path / "last.log", f"train.max_steps={second_stop + 2}")
+    assert last.wait(timeout=300) == 0, (tmp_path / "last.log").read_text()[-3000:]
+    assert f"resuming run from checkpoint-{second_stop:07d}" in (tmp_path / "last.log").read_text()
+    assert _steps(run) == list(range(1, second_stop + 3))
+    assert (run / "final" / "COMPLETE").exists() and not (run / ".lease.json").exists()

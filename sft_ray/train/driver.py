@@ -5,6 +5,7 @@ Light on purpose: no torch or transformers import here; those happen in the work
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from sft_ray import storage
@@ -92,6 +93,9 @@ def fit(
             callbacks=callbacks,
         ),
     )
+    # Ray Train's own Ctrl-C handler aborts the run without a checkpoint and replaces the driver's
+    # (train/interrupt.py), which saves first. Private to Ray 2.60; pinned by tests/test_faults.py.
+    trainer._register_sigint_handler = lambda controller: None
     return trainer.fit()
 
 
@@ -111,6 +115,21 @@ def _finished(cfg: Config) -> dict | None:
     return done
 
 
+@contextlib.contextmanager
+def _out_of_space_named(cfg: Config):
+    """A full disk surfaces from Ray's controller or a worker as a bare `[Errno 28]` with no path."""
+    try:
+        yield
+    except Exception as err:
+        if "No space left on device" not in str(err) and "errno 28" not in str(err).lower():
+            raise
+        raise storage.StorageError(
+            f"storage.path {cfg.storage.path} ran out of space while running {cfg.name} (No space left on device). "
+            "Free space there (or choose another storage.path) and rerun the same command: it resumes from the "
+            "last whole checkpoint"
+        ) from err
+
+
 def train(cfg: Config) -> dict:
     """Run one training job end to end; returns rank 0's summary.
 
@@ -124,9 +143,10 @@ def train(cfg: Config) -> dict:
         started_local = ensure_ray()
         if started_local:
             _check_resources(cfg)
-        prepared, manifest = prepare(cfg)
-        with stop_on_signals(run_dir(cfg), cfg.name) as got:
-            result = fit(cfg, prepared, manifest)
+        with _out_of_space_named(cfg):
+            prepared, manifest = prepare(cfg)
+            with stop_on_signals(run_dir(cfg), cfg.name) as got:
+                result = fit(cfg, prepared, manifest)
         summary = result.return_value
         if summary.get("interrupted"):
             where = os.path.basename(result.checkpoint.path.rstrip("/")) if result.checkpoint else "its start"
