@@ -6,6 +6,8 @@ once for the Ray Data actors), the actors and the Ray Train workers.
 
 from __future__ import annotations
 
+import os
+
 from sft_ray.config import Config
 
 
@@ -23,6 +25,29 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: st
         tok.pad_token = tok.eos_token
     apply_chat_format(tok, chat_template)
     return tok
+
+
+def check_model(cfg: Config) -> None:
+    """On the driver, before any worker starts: the tokenizer and the model's config load, and
+    `data.max_length` fits the model's positions. A reused preparation needs no tokenizer, so
+    without this a tokenizer that cannot load failed inside every worker after their start-up."""
+    from transformers import AutoConfig
+
+    from sft_ray.chat_format import template_text
+    from sft_ray.config import ConfigError
+
+    where = cfg.model.path if os.path.isdir(cfg.model.path) else f"{cfg.model.path} (no such folder: a hub id)"
+    try:
+        load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, template_text(cfg.data.chat_template))
+        config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"model.path: cannot load the tokenizer or config of {where}: {err}") from None
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.data.max_length > positions:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} is beyond the {positions} positions of {cfg.model.path} "
+            f"(max_position_embeddings in its config); lower data.max_length to at most {positions}"
+        )
 
 
 def fit_embeddings(model, tokenizer) -> None:

@@ -178,6 +178,23 @@ def test_oversized_batch_is_refused_before_any_worker_starts(trained, tmp_path, 
     assert not list((tmp_path / "storage" / "run").glob("checkpoint-*"))
 
 
+def test_model_limits_and_a_broken_tokenizer_are_refused_on_the_driver(tmp_path, tiny_model):
+    """A tokenizer that cannot load failed inside every worker after start-up when the preparation
+    was reused; a max_length beyond the model's positions was never checked."""
+    from sft_ray.config import ConfigError
+    from sft_ray.model import check_model
+
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    check_model(make_config(tmp_path, tiny_model, data))
+    with pytest.raises(ConfigError, match=r"data.max_length=4096 is beyond the 2048 positions of "):
+        check_model(make_config(tmp_path, tiny_model, data, data={"max_length": 4096}))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "tokenizer.json").write_text("{")
+    with pytest.raises(ConfigError, match=f"model.path: cannot load the tokenizer or config of {broken}"):
+        check_model(make_config(tmp_path, broken, data))
+
+
 # -- one driver per name ------------------------------------------------------------------------
 
 

@@ -9,9 +9,10 @@ import contextlib
 import os
 
 from sft_ray import storage
-from sft_ray.config import Config
+from sft_ray.config import Config, ConfigError
 from sft_ray.data.pipeline import check_sources, prepare
 from sft_ray.lease import Lease
+from sft_ray.model import check_model
 from sft_ray.ray_runtime import ensure_ray
 from sft_ray.train.checkpoints import resume_point
 from sft_ray.train.final import run_dir, stored_config, stored_summary
@@ -19,16 +20,19 @@ from sft_ray.train.interrupt import Interrupted, stop_on_signals
 from sft_ray.train.shards import check_batch, total_steps
 
 
-def _check_resources(cfg: Config) -> None:
+def _check_resources(cfg: Config, local: bool) -> None:
+    """An embedded Ray cannot grow: too many workers are refused. A cluster may (an autoscaler adds
+    nodes), so there it is said once, instead of Ray Train waiting without a word."""
     import ray
 
     have = ray.cluster_resources()
     kind = "GPU" if cfg.scaling.use_gpu else "CPU"
-    if have.get(kind, 0) < cfg.scaling.num_workers:
-        raise RuntimeError(
-            f"scaling.num_workers={cfg.scaling.num_workers} needs {cfg.scaling.num_workers} {kind}s, "
-            f"but this local Ray has {have.get(kind, 0):g}; lower scaling.num_workers"
-        )
+    if have.get(kind, 0) >= cfg.scaling.num_workers:
+        return
+    need = f"scaling.num_workers={cfg.scaling.num_workers} needs {cfg.scaling.num_workers} {kind}s"
+    if local:
+        raise ConfigError(f"{need}, but this local Ray has {have.get(kind, 0):g}; lower scaling.num_workers")
+    print(f"{need}; the cluster has {have.get(kind, 0):g} now: training starts when nodes join", flush=True)
 
 
 def _fault_injection() -> dict:
@@ -140,9 +144,8 @@ def train(cfg: Config) -> dict:
         if (done := _finished(cfg)) is not None:
             return done
         check_sources(cfg)  # before Ray starts: a wrong path fails in a second, not after the start-up
-        started_local = ensure_ray()
-        if started_local:
-            _check_resources(cfg)
+        check_model(cfg)
+        _check_resources(cfg, local=ensure_ray())
         with _out_of_space_named(cfg):
             prepared, manifest = prepare(cfg)
             with stop_on_signals(run_dir(cfg), cfg.name) as got:
