@@ -92,6 +92,33 @@ def test_missing_optimizer_is_set_aside_and_the_previous_checkpoint_used(trained
     assert (run / "checkpoint_manager_snapshot.json").read_bytes() == before
 
 
+def test_damaged_checkpoint_on_s3_is_removed_and_the_previous_one_used(trained, tmp_path, s3_bucket):
+    """The same checks through the storage layer on an S3-protocol server (moto): no rename there,
+    so the damaged checkpoint is removed rather than moved aside."""
+    import pyarrow.fs as pafs
+
+    from sft_ray import storage
+    from sft_ray.train.checkpoints import resume_point
+
+    _, run = _copy(trained, tmp_path)
+    adapter = run / "checkpoint-0000006" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-8])
+    uri = f"s3://{s3_bucket}/runs/run"
+    fs, path = storage.filesystem(uri)
+    pafs.copy_files(str(run), path, destination_filesystem=fs)
+    said: list[str] = []
+    assert resume_point(uri, 2, said.append) == ("checkpoint-0000004", 4)
+    assert "checkpoint-0000006/adapter_model.safetensors: truncated" in said[0] and "removed" in said[0], said
+    assert not storage.exists(f"{uri}/checkpoint-0000006")
+    assert storage.read_json(f"{uri}/checkpoint_manager_snapshot.json")["latest_checkpoint_result"] == {
+        "version": 0,
+        "checkpoint_dir_name": "checkpoint-0000004",
+        "metrics": json.loads((run / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"][1][
+            "metrics"
+        ],
+    }
+
+
 @pytest.mark.parametrize(
     "damage,why",
     [
