@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
 import os
 import tempfile
 
@@ -21,6 +22,8 @@ import yaml
 
 from sft_ray import storage
 from sft_ray.config import Config, ConfigError, SearchDim, _set_dotted, validate
+from sft_ray.lease import Lease
+from sft_ray.train.checkpoints import SNAPSHOT
 
 # Keys a trial may not change: they name or place the sweep, size its trials, or change the
 # prepared data that every trial shares.
@@ -116,13 +119,22 @@ def _run_trial(params: dict, tree: dict, prepared: str, manifest: dict) -> None:
     Runs in the trial's Tune actor. When a scheduler stops the trial, this actor is killed and
     nothing after fit() runs: whatever the trial leaves is what its workers reported and saved.
     A rerun of the trial has the same name, so Ray Train resumes it from its last checkpoint.
+
+    Tune records trial states every 10 s or so: a sweep killed just after a trial finished reruns
+    it. Its final/ is there: its final result goes to Tune again without starting any worker.
     """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from sft_ray.train.driver import fit
+    from sft_ray.train.final import stored_config, stored_summary
 
     cfg = trial_config(tree, trial_name(tree["name"], tune.get_context().get_trial_id()), params)
+    done = stored_summary(cfg)
+    if done is not None and stored_config(cfg) == cfg.model_dump(mode="json"):
+        print(f"{cfg.name} finished before the sweep was interrupted; its results are kept", flush=True)
+        tune.report({"finished": 1, "step": done["global_step"], "eval_loss": done["eval_loss_after"]})
+        return
     fit(cfg, prepared, manifest, worker_cpus=WORKER_CPUS, callbacks=[TuneReportCallback()], async_upload=False)
 
 
@@ -186,14 +198,50 @@ def _number(x):
     return None if x is None or x != x else float(x)  # NaN (no value in that report) -> None
 
 
+def _evaluations(run_dir: str, upto: int | None) -> dict[int, float]:
+    """Eval loss per step, from the trial's metrics.jsonl (one line per step, across resumes).
+
+    Not from Tune's record: a trial that a rerun resumes starts a new one, without its reports from
+    before the interruption. Step 0 (before training) was never a result; `upto`, Tune's last step
+    of the trial, leaves out an evaluation whose report a stopped trial did not get to send.
+    """
+    uri = storage.join(run_dir, "metrics.jsonl")
+    if not storage.exists(uri):
+        return {}
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        records = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+    return {
+        int(r["step"]): float(r["eval_loss"])
+        for r in records
+        if _number(r.get("eval_loss")) is not None and 0 < r["step"] <= (upto if upto is not None else r["step"])
+    }
+
+
+def _checkpoints(run_dir: str, upto: int | None) -> list[tuple[float, str]]:
+    """(eval loss, folder) of the checkpoints Ray Train registered and kept, from its checkpoint list.
+
+    Only registered ones: a folder the trial was still uploading when it was stopped is not one.
+    """
+    try:
+        snap = storage.read_json(storage.join(run_dir, SNAPSHOT))
+    except (OSError, ValueError):  # none yet, or left unreadable (repaired when the trial runs again)
+        return []
+    saved = [
+        (_number(r["metrics"].get("eval_loss")), storage.join(run_dir, r["checkpoint_dir_name"]))
+        for r in snap.get("checkpoint_results", [])
+        if upto is None or r["metrics"].get("step", 0) <= upto
+    ]
+    return [(loss, path) for loss, path in saved if loss is not None and storage.exists(path)]
+
+
 def _row(result, cfg: Config) -> dict:
-    """What one trial left: its reports as Tune recorded them, and its run folder."""
+    """What one trial left: its status as Tune recorded it, its evaluations and checkpoints from its run folder."""
     trial_id = result.path.rstrip("/").rsplit("/", 1)[-1]
     run_dir = storage.join(cfg.storage.path, trial_name(cfg.name, trial_id))
-    df = result.metrics_dataframe
-    reports = [] if df is None or "eval_loss" not in df else df.to_dict("records")
-    history = {int(r["step"]): float(r["eval_loss"]) for r in reports if _number(r.get("eval_loss")) is not None}
     last = result.metrics or {}
+    upto = int(last["step"]) if _number(last.get("step")) is not None else None
+    history = _evaluations(run_dir, upto)
     if result.error is not None:
         status = "errored"
     elif storage.exists(storage.join(run_dir, "final", storage.COMPLETE)):
@@ -202,14 +250,7 @@ def _row(result, cfg: Config) -> dict:
         status = "stopped early"
     else:  # the sweep was interrupted before this trial ended (or started)
         status = "unfinished"
-    # Only checkpoints Ray registered (reported): a folder the trial was still uploading when it was stopped is not one.
-    # Ray gives filesystem paths (no s3:// scheme): find the checkpoint by its folder name in the run folder.
-    saved = [
-        (_number(r["eval_loss"]), storage.join(run_dir, r["checkpoint_path"].rstrip("/").rsplit("/", 1)[-1]))
-        for r in reports
-        if isinstance(r.get("checkpoint_path"), str)
-    ]
-    saved = [(loss, path) for loss, path in saved if loss is not None and storage.exists(path)]
+    saved = _checkpoints(run_dir, upto)
     checkpoint = storage.join(run_dir, "final") if status == "completed" else min(saved)[1] if saved else None
     return {
         "trial_id": trial_id,
@@ -301,21 +342,28 @@ def _export_best(row: dict, cfg: Config, dest: str) -> None:
 
 
 def sweep(cfg: Config) -> dict:
-    """Prepare the data once, run the trials (or resume them), then write the results and best/."""
+    """Prepare the data once, run the trials (or resume them), then write the results and best/.
+
+    Raises RunBusy while another driver runs a sweep of this name."""
+    check_space(cfg)
+    storage.check_writable(cfg.storage.path)
+    sweep_dir = storage.join(cfg.storage.path, cfg.name)
+    with Lease(sweep_dir, cfg.name):  # RunBusy while another driver runs this sweep
+        return _sweep(cfg, sweep_dir)
+
+
+def _sweep(cfg: Config, sweep_dir: str) -> dict:
     from ray import tune
 
     from sft_ray.data.pipeline import prepare
     from sft_ray.ray_runtime import ensure_ray
 
-    check_space(cfg)
-    storage.check_writable(cfg.storage.path)
     ensure_ray()
     prepared, manifest = prepare(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, tree=cfg.model_dump(mode="json"), prepared=prepared, manifest=manifest),
         {"CPU": TRIAL_FN_CPUS},
     )
-    sweep_dir = storage.join(cfg.storage.path, cfg.name)
     grid = _tuner(cfg, trainable, sweep_dir).fit()
 
     rows = sorted((_row(r, cfg) for r in grid), key=lambda r: r["trial_id"])

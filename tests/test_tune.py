@@ -1,9 +1,16 @@
 """Sweeps: the search space is checked before anything runs; ASHA over one-worker trials on a real local Ray."""
 
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from conftest import REPO, make_config, write_jsonl
@@ -134,3 +141,148 @@ def test_asha_sweep_stops_weak_trials_and_exports_the_best(tmp_path, tiny_model,
     assert [(r["trial_id"], r["status"], r["steps"]) for r in again["trials"]] == [
         (r["trial_id"], r["status"], r["steps"]) for r in rows
     ]
+
+
+def test_a_second_sweep_driver_of_the_same_name_is_refused(tmp_path, tiny_model):
+    from sft_ray.lease import Lease, RunBusy
+    from sft_ray.tune import sweep
+
+    cfg = _cfg(tmp_path, tiny_model, {"train.learning_rate": {"grid": list(GOOD)}})
+    started = time.time()
+    with Lease(str(tmp_path / "storage" / "sweep"), "sweep"):  # the first driver, still running
+        with pytest.raises(
+            RunBusy, match=f"run sweep is already running: pid {os.getpid()} on host {socket.gethostname()}"
+        ):
+            sweep(cfg)
+    assert time.time() - started < 30  # refused before Ray or the data preparation start
+    assert not (tmp_path / "storage" / "sweep" / "tune").exists() and not (tmp_path / "storage" / "datasets").exists()
+
+
+# -- a sweep driver killed mid-trial, then rerun: real `sft-ray tune` processes -----------------------
+
+
+def _sweep_driver(cfg_file: Path, out: Path) -> subprocess.Popen:
+    """`sft-ray tune` in its own session with its own embedded Ray (daemons and workers in that session)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "sft-ray"), "tune", "--config", str(cfg_file)],
+        stdout=open(out, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def _session(sid: int) -> list[psutil.Process]:
+    """Every live process of a session: the driver, its Ray daemons, and Ray's workers (each in its own
+    process group, so a signal to the driver's group misses them)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (OSError, psutil.Error):
+            pass
+    return found
+
+
+def _kill_session(proc: subprocess.Popen, wait_s: float = 60) -> float:
+    """SIGKILL to the driver's process group (a lost terminal, the OOM killer taking it all); returns how
+    long the rest of its session (Ray's workers) took to go on its own. Whatever is left is killed."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    start = time.time()
+    while (left := _session(proc.pid)) and time.time() - start < wait_s:
+        time.sleep(0.2)
+    for p in left:
+        p.kill()
+    return time.time() - start
+
+
+@pytest.fixture
+def drivers():
+    """The `sft-ray tune` processes a test starts; any still running at the end are killed with their session."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None or _session(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            _kill_session(proc, wait_s=30)
+
+
+def _registered(run: Path) -> str | None:
+    try:
+        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+
+
+def _train_steps(run: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_killed_sweep_resumes_unfinished_trials_from_their_checkpoints(tmp_path, tiny_model, drivers):
+    """Before: the resumed trial's evaluations from before the kill were missing from results.json and
+    eval_loss.png (Tune restarts the record of a trial it reruns without a Tune checkpoint)."""
+    # Two trials at once: a short one and a long one. The driver is killed the moment the short one
+    # has written final/ (Tune records trial states every ~10 s, so it likely still counts it
+    # running), while the long one is mid-way with registered checkpoints.
+    cfg = _cfg(tmp_path, tiny_model, {"train.max_steps": {"grid": [6, 24]}}, learning_rate=3e-3, epochs=4)
+    cfg.tune.scheduler.type, cfg.tune.max_concurrent_trials = "fifo", 2
+    cfg_file = tmp_path / "sweep.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    sweep_dir = tmp_path / "storage" / "sweep"
+    trials = sweep_dir / "trials"
+
+    first = _sweep_driver(cfg_file, tmp_path / "first.log")
+    drivers.append(first)
+    start, end = time.time(), time.time() + 400
+    while not (trials.exists() and any((t / "final" / "COMPLETE").exists() for t in trials.iterdir())):
+        assert first.poll() is None and time.time() < end, (tmp_path / "first.log").read_text()[-4000:]
+        time.sleep(0.2)
+    killed_after = time.time() - start
+    gone_s = _kill_session(first)
+    short, long_ = sorted(trials.iterdir(), key=lambda t: not (t / "final").exists())
+    kept = {p: p.stat().st_mtime_ns for p in [short / "metrics.jsonl", *(short / "final").iterdir()]}
+    resume_from = _registered(long_)
+    assert resume_from and not (long_ / "final").exists(), (resume_from, (tmp_path / "first.log").read_text()[-4000:])
+    step = int(resume_from.removeprefix("checkpoint-"))
+    assert 0 < step < 24
+
+    second = _sweep_driver(cfg_file, tmp_path / "second.log")
+    drivers.append(second)
+    assert second.wait(timeout=400) == 0, (tmp_path / "second.log").read_text()[-4000:]
+    log = (tmp_path / "second.log").read_text()
+    with_tune_record = f"{short.name} finished before the sweep was interrupted" not in log
+    print(f"\nkilled after {killed_after:.0f}s (session gone {gone_s:.1f}s later), long trial at {resume_from}; "
+          f"short trial {'skipped by Tune' if with_tune_record else 'rerun by Tune, kept from final/'}; "
+          f"rerun {time.time() - start - killed_after:.0f}s")  # fmt: skip
+    assert "took over the lease" in log and f"sweep: resuming {sweep_dir / 'tune'}" in log, log[-4000:]
+
+    # The finished trial was not trained again: its run folder is as the kill left it.
+    assert f"resuming sweep/trials/{short.name}" not in log
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert _train_steps(short) == list(range(1, 7))
+    # The interrupted one went on from its last registered checkpoint: every step trained once.
+    assert f"resuming sweep/trials/{long_.name} from {resume_from} (step {step} of 24)" in log, log[-4000:]
+    assert _train_steps(long_) == list(range(1, 25))
+    assert json.loads((long_ / "final" / "metrics.json").read_text())["global_step"] == 24
+
+    # Results and best/ over both trials, with each trial's whole history.
+    results = json.loads((sweep_dir / "results.json").read_text())
+    rows = {r["trial_id"]: r for r in results["trials"]}
+    assert set(rows) == {short.name, long_.name} and {r["status"] for r in rows.values()} == {"completed"}
+    assert [s for s, _ in rows[short.name]["eval_loss_history"]] == [2, 4, 6]
+    assert [s for s, _ in rows[long_.name]["eval_loss_history"]] == list(range(2, 25, 2))
+    best = min(rows.values(), key=lambda r: r["best_eval_loss"])
+    assert results["best_trial"] == best["trial_id"]
+    trial_cfg = yaml.safe_load((sweep_dir / "best" / "config.yaml").read_text())
+    assert trial_cfg["name"] == f"sweep/trials/{best['trial_id']}"
+    adapter = (trials / best["trial_id"] / "final" / "adapter_model.safetensors").read_bytes()
+    assert (sweep_dir / "best" / "adapter_model.safetensors").read_bytes() == adapter
+    assert not (sweep_dir / ".lease.json").exists()
