@@ -9,6 +9,7 @@ from sft_ray.config import ConfigError, load_config
 from sft_ray.data.pipeline import DataError
 from sft_ray.lease import RunBusy
 from sft_ray.storage import StorageError
+from sft_ray.train.driver import Unplaceable
 from sft_ray.train.interrupt import Interrupted
 
 
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:
         print(f"sft-ray: {err}", file=sys.stderr)
         return err.status
-    except RunBusy as err:
+    except (RunBusy, Unplaceable) as err:
         print(f"sft-ray: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

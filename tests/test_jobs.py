@@ -55,7 +55,9 @@ class Cluster:
     temp_dir: Path  # --temp-dir of the head: Ray's session logs, plus this test's files
     storage: Path  # storage.path of the jobs
     planted: dict[str, str]  # secret name -> value
-    nodes: list[subprocess.Popen]  # the two `ray start --block` processes
+    nodes: list[subprocess.Popen]  # the live nodes' `ray start --block` processes, the head first
+    port: int  # the GCS port, which a joining node dials
+    started: list[subprocess.Popen]  # every node this fixture started, lost ones included: teardown stops all
 
 
 # ---------------------------------------------------------------- processes
@@ -188,7 +190,9 @@ def cluster(request):
         roots.append(_start_node(temp_dir / "node.out", env, node, temp_dir / "node2" / "tmp"))
         _wait_started(roots[1], temp_dir / "node.out")
         storage = temp_dir / "shared" / "runs"
-        c = Cluster(f"http://127.0.0.1:{dashboard_port}", token, env, temp_dir, storage, planted, roots)
+        c = Cluster(
+            f"http://127.0.0.1:{dashboard_port}", token, env, temp_dir, storage, planted, list(roots), port, roots
+        )
         _wait_job_server(c)
         yield c
     finally:
@@ -197,6 +201,39 @@ def cluster(request):
             shutil.rmtree(temp_dir, ignore_errors=True)
         else:
             print(f"\ntest_jobs: logs and storage kept in {temp_dir}")
+
+
+def _add_node(c: Cluster, name: str) -> subprocess.Popen:
+    """Another one-CPU node joins the cluster, with its own temp dir (another machine)."""
+    args = ["--address", f"127.0.0.1:{c.port}", "--temp-dir", str(c.temp_dir / name)]
+    node = _start_node(c.temp_dir / f"{name}.out", c.env, args, c.temp_dir / name / "tmp")
+    c.started.append(node)  # before the wait: a node that fails to start is stopped at teardown too
+    _wait_started(node, c.temp_dir / f"{name}.out")
+    c.nodes.append(node)
+    return node
+
+
+def _lose_node(c: Cluster, node: subprocess.Popen) -> None:
+    """The machine is gone: SIGKILL to every process of the node's session at once (its raylet, its
+    workers, each in its own process group), no draining. Waits until none is left."""
+    c.nodes.remove(node)
+    sessions, known = _family([node])
+    for p in _left(sessions, known):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    node.wait(30)
+    left = _wait_gone(sessions, known, 30)
+    assert not left, [(p.pid, p.name()) for p in left]
+
+
+def _ensure_two_nodes(c: Cluster) -> None:
+    """What the module's other tests expect: the head and one more node, both alive in Ray."""
+    while len(c.nodes) < 2:
+        _add_node(c, f"node{len(c.started) + 1}")
+    end = time.monotonic() + 120
+    while len(_state(c, "nodes", "state=ALIVE")) != len(c.nodes):  # a lost node is declared dead after ~30 s
+        assert time.monotonic() < end, _state(c, "nodes")
+        time.sleep(2)
 
 
 # ---------------------------------------------------------------- clients
@@ -234,9 +271,9 @@ def _state(c: Cluster, kind: str, *filters: str) -> list[dict]:
     return json.loads(out[out.index("[") : out.rindex("]") + 1]) if "[" in out else []  # none: no JSON
 
 
-def _submit(c: Cluster, job: str, config: Path, *overrides: str) -> None:
+def _submit(c: Cluster, job: str, config: Path, *overrides: str, runtime_env: Path = RUNTIME_ENV) -> None:
     _ray(c, "job", "submit", "--address", c.address, "--submission-id", job, "--working-dir", str(REPO),
-         "--runtime-env", str(RUNTIME_ENV), "--no-wait",
+         "--runtime-env", str(runtime_env), "--no-wait",
          "--", "python", "jobs/sft.py", "--config", str(config), *overrides)  # fmt: skip
 
 
@@ -280,15 +317,23 @@ def _assert_locked_down(c: Cluster) -> None:
 
 def _job_processes(c: Cluster) -> dict[str, list[psutil.Process]]:
     """The running job's driver (`python jobs/sft.py`) and Ray Train workers, by process title."""
-    found: dict[str, list[psutil.Process]] = {"driver": [], "workers": []}
+    on_nodes = _training_nodes(c).values()
+    return {kind: [p for procs in on_nodes for p in procs[kind]] for kind in ("driver", "workers")}
+
+
+def _training_nodes(c: Cluster) -> dict[subprocess.Popen, dict[str, list[psutil.Process]]]:
+    """Per live node: the job driver and the Ray Train workers among its processes."""
+    found = {}
     for node in c.nodes:
+        procs: dict[str, list[psutil.Process]] = {"driver": [], "workers": []}
         for p in psutil.Process(node.pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 cmd = p.cmdline()
                 if cmd[1:2] == ["jobs/sft.py"]:  # not the `sh -c` Ray wraps the entrypoint in
-                    found["driver"].append(p)
+                    procs["driver"].append(p)
                 elif cmd[0].startswith("ray::RayTrainWorker"):
-                    found["workers"].append(p)
+                    procs["workers"].append(p)
+        found[node] = procs
     return found
 
 
@@ -424,3 +469,97 @@ def test_stopped_job_resumes_from_its_last_checkpoint(cluster, tiny_model):
     assert json.loads((run / "final" / "metrics.json").read_text())["global_step"] == 150
     assert (run / "final" / "COMPLETE").exists()
     _assert_no_secrets(cluster, ["resume-1", "resume-2"])
+
+
+# ---------------------------------------------------------------- a node lost mid-run
+
+
+def _logged(run: Path) -> dict[int, float]:
+    """When each training step was logged (metrics.jsonl keeps one line per step across restarts)."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["time"] for r in lines if "loss" in r}
+
+
+def _lose_a_worker_node(c: Cluster, job: str, run: Path) -> tuple[int, float]:
+    """Once the run has registered a checkpoint: lose a node other than the head (where the job's
+    driver runs) that holds a training worker. Returns the checkpoint's step and when the node went."""
+    end = time.monotonic() + 360
+    while _latest_checkpoint(run) is None:
+        info = _api(c, f"/api/jobs/{job}")
+        assert info["status"] not in TERMINAL and time.monotonic() < end, (info, _logs(c, job)[-6000:])
+        time.sleep(0.5)
+    step = int(_latest_checkpoint(run).removeprefix("checkpoint-"))
+    where = _training_nodes(c)
+    assert [len(where[n]["driver"]) for n in c.nodes] == [1] + [0] * (len(c.nodes) - 1), where
+    assert sum(len(w["workers"]) for w in where.values()) == 2, where
+    victim = next(n for n in c.nodes[1:] if where[n]["workers"])
+    lost_at = time.time()
+    _lose_node(c, victim)
+    return step, lost_at
+
+
+def _loss_args(name: str) -> list[str]:
+    return [f"name={name}", "train.max_steps=60", "train.save_steps=10", "train.eval_steps=1000",
+            "train.samples=0", "train.max_failures=1"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_lost_node_with_a_spare_node_left_the_run_finishes_from_its_checkpoint(cluster, tiny_model):
+    """A third node is there: after the loss, the head and the node left hold both workers again."""
+    c = cluster
+    try:
+        _add_node(c, "spare")
+        run = c.storage / "jobs-node-loss"
+        _submit(c, "loss-1", _config(c, tiny_model), *_loss_args("jobs-node-loss"))
+        checkpointed, lost_at = _lose_a_worker_node(c, "loss-1", run)
+        start = time.time()
+        _wait_status(c, "loss-1", "SUCCEEDED", timeout=420)
+        recovered_s = time.time() - start
+
+        # Nothing trained twice that a checkpoint kept: the steps logged before the loss run up to a
+        # checkpoint at or after the one seen then, every later step was logged after the loss, once.
+        logged = _logged(run)
+        assert sorted(logged) == list(range(1, 61)), sorted(logged)
+        kept = max(s for s, t in logged.items() if t < lost_at)
+        assert kept >= checkpointed and kept % 10 == 0, (kept, checkpointed)
+        assert all(t > lost_at for s, t in logged.items() if s > kept)
+        final = json.loads((run / "final" / "metrics.json").read_text())
+        assert final["global_step"] == 60 and (run / "final" / "COMPLETE").exists()
+        assert _latest_checkpoint(run) == "checkpoint-0000060"
+        print(f"\nnode lost after checkpoint {checkpointed}; resumed from step {kept}; done {recovered_s:.0f}s later")
+    finally:
+        _ensure_two_nodes(c)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_lost_node_without_a_spare_fails_the_job_naming_the_resources(cluster, tiny_model):
+    """One CPU per node: after the loss the head alone cannot hold 2 workers. Ray Train retries a worker
+    group it cannot place every RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, by default for ever: the job
+    must fail, within a bounded time, saying what it needs and what is left."""
+    c = cluster
+    env = yaml.safe_load(RUNTIME_ENV.read_text())
+    env["env_vars"].update(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15", SFT_RAY_PLACEMENT_WAIT_S="30")
+    runtime_env = c.temp_dir / "runtime_env_short_wait.yaml"
+    runtime_env.write_text(yaml.safe_dump(env))
+    try:
+        run = c.storage / "jobs-node-lost"
+        _submit(c, "loss-2", _config(c, tiny_model), *_loss_args("jobs-node-lost"), runtime_env=runtime_env)
+        checkpointed, lost_at = _lose_a_worker_node(c, "loss-2", run)
+        _wait_status(c, "loss-2", "FAILED", timeout=150)
+        failed_s = time.time() - lost_at
+        logs = _logs(c, "loss-2")
+        # What it needs, what is left, what to do; after (the loss's detection and) two 15 s tries.
+        said = ["scaling.num_workers=2 workers need 1 CPU each", "1 live node(s) have 1 CPU in all", "Add nodes"]
+        assert all(x in logs for x in said), logs[-4000:]
+        assert "sft-ray: scaling.num_workers=2" in logs  # one line, not a traceback
+        assert failed_s < 150, failed_s
+        assert not (run / "final").exists() and _latest_checkpoint(run) is not None
+        print(f"\nnode lost after checkpoint {checkpointed}; the job failed {failed_s:.0f}s later")
+    finally:
+        with contextlib.suppress(Exception):
+            if _api(c, "/api/jobs/loss-2")["status"] not in TERMINAL:
+                _ray(c, "job", "stop", "--address", c.address, "loss-2")
+                _wait_actors_gone(c, _wait_status(c, "loss-2", "STOPPED", timeout=120)["job_id"])
+        _ensure_two_nodes(c)

@@ -6,6 +6,7 @@ Light on purpose: no torch or transformers import here; those happen in the work
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 from sft_ray import storage
@@ -33,6 +34,41 @@ def _check_resources(cfg: Config, local: bool) -> None:
     if local:
         raise ConfigError(f"{need}, but this local Ray has {have.get(kind, 0):g}; lower scaling.num_workers")
     print(f"{need}; the cluster has {have.get(kind, 0):g} now: training starts when nodes join", flush=True)
+
+
+class Unplaceable(RuntimeError):
+    """The cluster has had no room for the run's workers for longer than the run waits."""
+
+
+def _placement_wait_s() -> float:
+    """How long a run waits for room for its workers before it fails (`SFT_RAY_PLACEMENT_WAIT_S`).
+
+    A worker group Ray cannot place (a node lost and none to replace it) fails its start after
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) and Ray Train starts it again, by default for ever:
+    the job hangs, logging a traceback each time. An autoscaler brings a node within minutes."""
+    return float(os.environ.get("SFT_RAY_PLACEMENT_WAIT_S", "900"))
+
+
+def _placement_retries() -> int:
+    """Ray Train's controller_failure_limit: the worker-group starts after the first within the wait."""
+    start_s = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60"))
+    return max(0, math.ceil(_placement_wait_s() / start_s) - 1)
+
+
+def _unplaceable(cfg: Config, worker_cpus: float) -> str:
+    import ray
+
+    kind = "GPU" if cfg.scaling.use_gpu else "CPU"
+    each = 1 if cfg.scaling.use_gpu else worker_cpus
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    have = sum(n["Resources"].get(kind, 0) for n in nodes)
+    per_node = ", ".join(f"{n['NodeManagerAddress']}: {n['Resources'].get(kind, 0):g}" for n in nodes)
+    return (
+        f"scaling.num_workers={cfg.scaling.num_workers} workers need {each:g} {kind} each, and the cluster had no room "
+        f"for them for {_placement_wait_s():.0f} s (SFT_RAY_PLACEMENT_WAIT_S): its {len(nodes)} live node(s) have "
+        f"{have:g} {kind} in all ({per_node}). Was a node lost and not replaced? Add nodes or lower "
+        "scaling.num_workers, then rerun the same command: it resumes from the last checkpoint"
+    )
 
 
 def _fault_injection() -> dict:
@@ -93,14 +129,23 @@ def fit(
                 checkpoint_score_attribute="eval_loss" if has_eval else None,
                 checkpoint_score_order="min",
             ),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.train.max_failures, controller_failure_limit=_placement_retries()
+            ),
             callbacks=callbacks,
         ),
     )
     # Ray Train's own Ctrl-C handler aborts the run without a checkpoint and replaces the driver's
     # (train/interrupt.py), which saves first. Private to Ray 2.60; pinned by tests/test_faults.py.
     trainer._register_sigint_handler = lambda controller: None
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except ray.train.ControllerError as err:
+        from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+        if isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+            raise Unplaceable(_unplaceable(cfg, worker_cpus)) from err
+        raise
 
 
 def _finished(cfg: Config) -> dict | None:
