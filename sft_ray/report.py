@@ -13,6 +13,8 @@ import os
 import uuid
 from pathlib import Path
 
+from sft_ray import storage
+
 # The metrics.jsonl keys the report uses; any other key is ignored.
 SERIES = (
     "loss",
@@ -48,8 +50,10 @@ def load_metrics(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     (step, key) wins. A run still training may be caught mid-append: an unterminated last line
     that does not parse is skipped, any other bad line is an error.
     """
-    path = Path(run_dir) / "metrics.jsonl"
-    text = path.read_text()
+    path = storage.join(run_dir, "metrics.jsonl")
+    fs, where = storage.filesystem(path)
+    with fs.open_input_stream(where) as f:
+        text = f.read().decode()
     lines = text.split("\n")
     by_key: dict[str, dict[int, float]] = {}
     for number, line in enumerate(lines, 1):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import os
 import tempfile
 
@@ -205,17 +204,11 @@ def _evaluations(run_dir: str, upto: int | None) -> dict[int, float]:
     before the interruption. Step 0 (before training) was never a result; `upto`, Tune's last step
     of the trial, leaves out an evaluation whose report a stopped trial did not get to send.
     """
-    uri = storage.join(run_dir, "metrics.jsonl")
-    if not storage.exists(uri):
+    from sft_ray.report import load_metrics
+
+    if not storage.exists(storage.join(run_dir, "metrics.jsonl")):
         return {}
-    fs, path = storage.filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        records = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
-    return {
-        int(r["step"]): float(r["eval_loss"])
-        for r in records
-        if _number(r.get("eval_loss")) is not None and 0 < r["step"] <= (upto if upto is not None else r["step"])
-    }
+    return {s: v for s, v in load_metrics(run_dir).get("eval_loss", []) if 0 < s <= (upto if upto is not None else s)}
 
 
 def _checkpoints(run_dir: str, upto: int | None) -> list[tuple[float, str]]:
