@@ -191,11 +191,9 @@ class RunCallback(TrainerCallback):
         }
 
     def _metrics(self, state) -> dict:
-        merged: dict = {}
-        for entry in state.log_history:
-            merged.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
-        merged["step"] = state.global_step
-        return merged
+        from sft_ray.train.checkpoints import reported_metrics
+
+        return reported_metrics(state.log_history, state.global_step)
 
     def _crash_once(self) -> None:
         """Fault injection for the failure tests: SIGKILL this worker once per run."""

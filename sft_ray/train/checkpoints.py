@@ -103,14 +103,18 @@ def verify(uri: str, world: int | None = None) -> int:
     return state["global_step"]
 
 
-def _metrics(uri: str) -> dict:
-    """What the worker reported with the checkpoint (callbacks.RunCallback._metrics), from its trainer state."""
-    state = storage.read_json(storage.join(uri, "trainer_state.json"))
+def reported_metrics(log_history: list[dict], step: int) -> dict:
+    """What a worker reports with a checkpoint: the latest value of every number logged so far.
+    Also rebuilt from a checkpoint's trainer state, so a rebuilt list ranks checkpoints the same way."""
     merged: dict = {}
-    for entry in state.get("log_history", []):
+    for entry in log_history:
         merged.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
-    merged["step"] = state["global_step"]
-    return merged
+    return {**merged, "step": step}
+
+
+def _metrics(uri: str) -> dict:
+    state = storage.read_json(storage.join(uri, "trainer_state.json"))
+    return reported_metrics(state.get("log_history", []), state["global_step"])
 
 
 def _folders(run: str) -> list[str]:
