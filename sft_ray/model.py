@@ -27,27 +27,32 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: st
     return tok
 
 
-def check_model(cfg: Config) -> None:
-    """On the driver, before any worker starts: the tokenizer and the model's config load, and
-    `data.max_length` fits the model's positions. A reused preparation needs no tokenizer, so
-    without this a tokenizer that cannot load failed inside every worker after their start-up."""
+def check_model(cfg: Config):
+    """The driver's tokenizer (the preparation's template check and actors use it), loaded with the
+    model's config before any worker starts, also when the preparation is reused: a tokenizer that
+    cannot load failed inside every worker after their start-up. Refuses a `data.max_length`
+    beyond the model's positions."""
     from transformers import AutoConfig
 
     from sft_ray.chat_format import template_text
-    from sft_ray.config import ConfigError
+    from sft_ray.data.errors import DataError
 
-    where = cfg.model.path if os.path.isdir(cfg.model.path) else f"{cfg.model.path} (no such folder: a hub id)"
+    taken = "" if os.path.isdir(cfg.model.path) else " (no such folder, so it was taken as a hub id)"
     try:
-        load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, template_text(cfg.data.chat_template))
+        tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, template_text(cfg.data.chat_template))
+    except (OSError, ValueError) as err:
+        raise DataError(f"model.path: cannot load a tokenizer from {cfg.model.path}{taken}: {err}") from None
+    try:
         config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"model.path: cannot load the tokenizer or config of {where}: {err}") from None
+        raise DataError(f"model.path: cannot load the model config from {cfg.model.path}{taken}: {err}") from None
     positions = getattr(config, "max_position_embeddings", None)
     if isinstance(positions, int) and cfg.data.max_length > positions:
-        raise ConfigError(
+        raise DataError(
             f"data.max_length={cfg.data.max_length} is beyond the {positions} positions of {cfg.model.path} "
             f"(max_position_embeddings in its config); lower data.max_length to at most {positions}"
         )
+    return tokenizer
 
 
 def fit_embeddings(model, tokenizer) -> None:

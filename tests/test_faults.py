@@ -12,36 +12,14 @@ import sys
 import time
 
 import pytest
-from conftest import make_config, write_jsonl
+from conftest import train_steps, two_worker_config
 
 ROWS = [{"question": f"What is {i} plus one?", "output": f"{i + 1}"} for i in range(48)]
 
 
 def _cfg(tmp_path, tiny_model, storage, name="run", **train):
-    return make_config(
-        tmp_path,
-        tiny_model,
-        write_jsonl(tmp_path / "train.jsonl", ROWS),
-        write_jsonl(tmp_path / "eval.jsonl", ROWS[:8]),
-        name=name,
-        lora={"dropout": 0.0},
-        train={
-            "max_steps": 6,
-            "per_device_batch_size": 4,
-            "learning_rate": 3e-3,
-            "logging_steps": 1,
-            "eval_steps": 2,
-            "save_steps": 2,
-            "samples": 0,
-            **train,
-        },
-        scaling={"num_workers": 2},
-        storage={"path": str(storage), "keep_checkpoints": 3},
-    )
-
-
-def _steps(run) -> list[int]:
-    return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    cfg = two_worker_config(tmp_path, tiny_model, ROWS, name, max_steps=6, eval_steps=2, save_steps=2, **train)
+    return cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"path": str(storage)})})
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +138,7 @@ def test_unreadable_list_and_truncated_adapter_resume_from_the_last_whole_checkp
     assert "resuming run from checkpoint-0000004 (step 4 of 8)" in out
     assert summary["global_step"] == 8
     # Steps 5 and 6 were logged by the first run and again by this one: the file keeps one line each.
-    assert _steps(run) == list(range(1, 9))
+    assert train_steps(run) == list(range(1, 9))
     assert (run / "final" / "COMPLETE").exists()
 
 
@@ -186,7 +164,7 @@ def test_full_disk_names_the_path_and_the_rerun_resumes(tmp_path, tiny_model, ra
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
         summary = train(cfg)
         assert summary["global_step"] == 6
-        assert _steps(disk / "run") == list(range(1, 7))
+        assert train_steps(disk / "run") == list(range(1, 7))
         assert not list(disk.rglob("*.tmp-*"))
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
@@ -205,21 +183,29 @@ def test_oversized_batch_is_refused_before_any_worker_starts(trained, tmp_path, 
     assert not list((tmp_path / "storage" / "run").glob("checkpoint-*"))
 
 
-def test_model_limits_and_a_broken_tokenizer_are_refused_on_the_driver(tmp_path, tiny_model):
-    """A tokenizer that cannot load failed inside every worker after start-up when the preparation
-    was reused; a max_length beyond the model's positions was never checked."""
-    from sft_ray.config import ConfigError
-    from sft_ray.model import check_model
+def test_model_limits_and_a_broken_model_are_refused_before_any_worker(trained, tmp_path, tiny_model, capsys):
+    """A model that cannot load failed inside every worker after start-up when the preparation was
+    reused (it needs no tokenizer); a max_length beyond the model's positions was never checked."""
+    from sft_ray.data.pipeline import DataError, prepare
 
-    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
-    check_model(make_config(tmp_path, tiny_model, data))
-    with pytest.raises(ConfigError, match=r"data.max_length=4096 is beyond the 2048 positions of "):
-        check_model(make_config(tmp_path, tiny_model, data, data={"max_length": 4096}))
+    storage = trained.parent  # the trained run's preparation is there
+    cfg = _cfg(tmp_path, tiny_model, storage)
+    long = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_length": 4096})})
+    with pytest.raises(DataError, match=r"data.max_length=4096 is beyond the 2048 positions of "):
+        prepare(long)
+    # Same tokenizer files, so the same preparation, which is reused; the model's config is broken.
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)
+    (broken / "config.json").write_text("{")
+    capsys.readouterr()
+    with pytest.raises(DataError, match=f"model.path: cannot load the model config from {broken}"):
+        prepare(_cfg(tmp_path, broken, storage))
+    (broken / "config.json").write_text((tiny_model / "config.json").read_text())
+    prepare(_cfg(tmp_path, broken, storage))
+    assert "prepared data: reusing" in capsys.readouterr().out
     (broken / "tokenizer.json").write_text("{")
-    with pytest.raises(ConfigError, match=f"model.path: cannot load the tokenizer or config of {broken}"):
-        check_model(make_config(tmp_path, broken, data))
+    with pytest.raises(DataError, match=f"model.path: cannot load a tokenizer from {broken}"):
+        prepare(_cfg(tmp_path, broken, storage))
 
 
 # -- one driver per name ------------------------------------------------------------------------
@@ -333,7 +319,7 @@ def test_signals_stop_at_a_checkpoint_and_a_second_driver_is_refused(tmp_path, t
     # 1. SIGTERM (a spot node's notice, `ray job stop`) once training has begun; meanwhile a second
     #    driver of the same name is refused, naming the first.
     first = _driver(cfg_file, tmp_path / "first.log")
-    _wait_for(lambda: (run / "metrics.jsonl").exists() and len(_steps(run)) >= 3, first, tmp_path / "first.log")
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and len(train_steps(run)) >= 3, first, tmp_path / "first.log")
     second = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "sft-ray"), "train", "--config", str(cfg_file)],
         capture_output=True,
@@ -345,7 +331,7 @@ def test_signals_stop_at_a_checkpoint_and_a_second_driver_is_refused(tmp_path, t
     os.kill(first.pid, signal.SIGTERM)
     assert first.wait(timeout=180) == 143
     log = (tmp_path / "first.log").read_text()
-    stopped = max(_steps(run))
+    stopped = max(train_steps(run))
     assert f"interrupted at step {stopped}; rerun the same command to resume from checkpoint-{stopped:07d}" in log, log
     assert "Found multiple active Ray instances" not in log
     assert _checkpoints(run)[-1] == stopped  # saved at the step it stopped, not at the last save interval
@@ -353,17 +339,17 @@ def test_signals_stop_at_a_checkpoint_and_a_second_driver_is_refused(tmp_path, t
 
     # 2. Ctrl-C in a terminal: SIGINT to the driver's whole process group.
     again = _driver(cfg_file, tmp_path / "again.log")
-    _wait_for(lambda: max(_steps(run)) >= stopped + 3, again, tmp_path / "again.log")
+    _wait_for(lambda: max(train_steps(run)) >= stopped + 3, again, tmp_path / "again.log")
     os.killpg(again.pid, signal.SIGINT)
     assert again.wait(timeout=180) == 130
     log = (tmp_path / "again.log").read_text()
     assert f"resuming run from checkpoint-{stopped:07d} (step {stopped} of 400)" in log, log
-    second_stop = max(_steps(run))
+    second_stop = max(train_steps(run))
     assert f"interrupted at step {second_stop}; rerun the same command" in log, log
 
     # 3. A rerun (shortened to end soon) finishes from there: every step trained and logged once.
     last = _driver(cfg_file, tmp_path / "last.log", f"train.max_steps={second_stop + 2}")
     assert last.wait(timeout=300) == 0, (tmp_path / "last.log").read_text()[-3000:]
     assert f"resuming run from checkpoint-{second_stop:07d}" in (tmp_path / "last.log").read_text()
-    assert _steps(run) == list(range(1, second_stop + 3))
+    assert train_steps(run) == list(range(1, second_stop + 3))
     assert (run / "final" / "COMPLETE").exists() and not (run / ".lease.json").exists()

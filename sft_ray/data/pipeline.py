@@ -180,6 +180,10 @@ def _build(cfg: Config, out: str, tokenizer, shared: bool) -> tuple[dict, bool]:
 
 def prepare(cfg: Config, output: str | None = None) -> tuple[str, dict]:
     """Prepare the data once; reuse an identical earlier preparation. Returns (folder, manifest)."""
+    from sft_ray.model import check_model
+
+    check_sources(cfg)  # a missing file fails here, before anything is loaded or started
+    tokenizer = check_model(cfg)
     if output is None:
         out = storage.join(cfg.storage.path, "datasets", cache_key(cfg))
         if storage.exists(storage.join(out, "manifest.json")):
@@ -189,17 +193,8 @@ def prepare(cfg: Config, output: str | None = None) -> tuple[str, dict]:
             return out, manifest
     else:
         out = output if not storage.is_local(output) else os.path.abspath(output)
-        check_sources(cfg)  # a missing file fails here, before anything is loaded or started
-    from sft_ray.chat_format import template_text
-    from sft_ray.model import load_tokenizer
     from sft_ray.ray_runtime import ensure_ray
 
-    # Loaded once here: the template check uses it, and the actors get a pickled copy.
-    try:
-        tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, template_text(cfg.data.chat_template))
-    except (OSError, ValueError) as err:
-        taken = "" if os.path.isdir(cfg.model.path) else " (no such folder, so it was taken as a hub id)"
-        raise DataError(f"model.path: cannot load a tokenizer from {cfg.model.path}{taken}: {err}") from None
     _check_chat_template(cfg, tokenizer)
     ensure_ray()  # only now: bad input above fails in seconds, and a reused preparation needs no Ray
     manifest, ours = _build(cfg, out, tokenizer, shared=output is None)

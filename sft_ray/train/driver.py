@@ -13,7 +13,6 @@ from sft_ray import storage
 from sft_ray.config import Config, ConfigError
 from sft_ray.data.pipeline import check_sources, prepare
 from sft_ray.lease import Lease
-from sft_ray.model import check_model
 from sft_ray.ray_runtime import ensure_ray
 from sft_ray.train.checkpoints import resume_point
 from sft_ray.train.final import run_dir, stored_config, stored_summary
@@ -189,7 +188,6 @@ def train(cfg: Config) -> dict:
         if (done := _finished(cfg)) is not None:
             return done
         check_sources(cfg)  # before Ray starts: a wrong path fails in a second, not after the start-up
-        check_model(cfg)
         _check_resources(cfg, local=ensure_ray())
         with _out_of_space_named(cfg):
             prepared, manifest = prepare(cfg)
