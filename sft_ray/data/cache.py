@@ -64,9 +64,7 @@ def cache_key(cfg: Config) -> str:
     parts = {
         "version": PREP_VERSION,
         "tokenizer": tokenizer,
-        "chat_template": d.chat_template
-        if d.chat_template in (None, "chatml")
-        else storage.fingerprint(d.chat_template),
+        "chat_template": _template_key(d.chat_template),
         "chat_template_kwargs": d.chat_template_kwargs,
         "sources": [{**s, "path": f} for s, f in zip(sources, _source_fingerprints(cfg))],
         "max_length": d.max_length,

@@ -219,15 +219,17 @@ def _json_problem(f, head: bytes) -> str | None:
 
 
 def _first_lines(f, head: bytes) -> list[bytes]:
-    """The first two non-blank lines of a file that goes on from `head` in `f` (fewer at its end)."""
+    """The first two non-blank lines of a file that goes on from `head` in `f` (fewer at its end).
+    A bytearray grows in place: a one-line file of gigabytes is read once, not copied per block."""
+    head = bytearray(head)
     while True:
         parts = head.split(b"\n")
         lines = [p for p in parts[:-1] if p.strip()]
         if len(lines) >= 2:
-            return lines[:2]
+            return [bytes(x) for x in lines[:2]]
         block = f.read(HEAD_BYTES)
         if not block:
-            return [p for p in parts if p.strip()][:2]
+            return [bytes(p) for p in parts if p.strip()][:2]
         head += block
 
 

@@ -133,7 +133,7 @@ def total_steps(cfg, manifest: dict) -> int:
     if t.max_steps:
         return t.max_steps
     batches = rows_per_worker(manifest, cfg.scaling.num_workers, t.per_device_batch_size) // t.per_device_batch_size
-    per_epoch = max(batches // t.gradient_accumulation_steps + int(batches % t.gradient_accumulation_steps > 0), 1)
+    per_epoch = max(math.ceil(batches / t.gradient_accumulation_steps), 1)
     return math.ceil(t.epochs * per_epoch)
 
 
