@@ -120,3 +120,26 @@ def make_config(tmp_path: Path, model: Path, train_file, eval_file=None, **secti
     for key, value in sections.items():
         tree.setdefault(key, {}).update(value) if isinstance(value, dict) else tree.__setitem__(key, value)
     return validate(tree)
+
+
+def train_steps(run: Path) -> list[int]:
+    """The steps of a run's metrics.jsonl that logged a training loss, in file order."""
+    import json
+
+    return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+def two_worker_config(tmp_path: Path, model: Path, rows: list, name: str, **train):
+    """A 2-worker run on `rows` (the first 8 also held out) with settings that make resume exact:
+    no LoRA dropout, a log line per step, no sample generations; `train` overrides the rest."""
+    return make_config(
+        tmp_path,
+        model,
+        write_jsonl(tmp_path / "train.jsonl", rows),
+        write_jsonl(tmp_path / "eval.jsonl", rows[:8]),
+        name=name,
+        lora={"dropout": 0.0},
+        train={"per_device_batch_size": 4, "learning_rate": 3e-3, "logging_steps": 1, "samples": 0, **train},
+        scaling={"num_workers": 2},
+        storage={"keep_checkpoints": 3},
+    )

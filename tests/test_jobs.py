@@ -38,6 +38,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from conftest import train_steps
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv the tests run in: its `ray` and `python`
@@ -359,11 +360,6 @@ def _config(c: Cluster, tiny_model: Path) -> Path:
     return path
 
 
-def _train_steps(run: Path) -> list[int]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["step"] for line in lines if '"loss"' in line]
-
-
 def _latest_checkpoint(run: Path) -> str | None:
     """The newest checkpoint Ray Train registered (what a rerun resumes from), or None."""
     try:
@@ -421,7 +417,7 @@ def test_job_trains_on_two_nodes_into_shared_storage(cluster, tiny_model):
     assert resolved["model"]["path"] == str(tiny_model) and resolved["train"]["max_steps"] == 6
     assert Path(resolved["data"]["train"][0]["path"]).name == "train.jsonl"  # from the uploaded working dir
     assert json.loads((final / "metrics.json").read_text())["global_step"] == 6
-    assert _train_steps(run) == [1, 2, 3, 4, 5, 6]
+    assert train_steps(run) == [1, 2, 3, 4, 5, 6]
     assert "checkpoint-0000006" in {p.name for p in run.glob("checkpoint-*")}
     assert CHECKPOINT_FILES <= {p.name for p in (run / "checkpoint-0000006").iterdir()}
     assert list((cluster.storage / "datasets").glob("*/manifest.json"))
@@ -456,7 +452,7 @@ def test_stopped_job_resumes_from_its_last_checkpoint(cluster, tiny_model):
     # The driver got SIGTERM, had the workers save at the step they were at, and said so.
     resume_from = _latest_checkpoint(run)
     step = int(resume_from.removeprefix("checkpoint-"))
-    before = _train_steps(run)
+    before = train_steps(run)
     assert not (run / "final").exists() and before == list(range(1, step + 1)), (resume_from, before)
     stopped = f"interrupted at step {step}; rerun the same command to resume from {resume_from}"
     assert stopped in _logs(cluster, "resume-1"), _logs(cluster, "resume-1")[-3000:]
@@ -465,7 +461,7 @@ def test_stopped_job_resumes_from_its_last_checkpoint(cluster, tiny_model):
     _wait_status(cluster, "resume-2", "SUCCEEDED", timeout=360)
     assert f"resuming jobs-resume from {resume_from} (step {step} of 150)" in _logs(cluster, "resume-2")
     # The rerun continued right after that checkpoint, ended at max_steps, and logged each step once.
-    assert _train_steps(run) == list(range(1, 151))
+    assert train_steps(run) == list(range(1, 151))
     assert json.loads((run / "final" / "metrics.json").read_text())["global_step"] == 150
     assert (run / "final" / "COMPLETE").exists()
     _assert_no_secrets(cluster, ["resume-1", "resume-2"])

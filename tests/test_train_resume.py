@@ -5,36 +5,13 @@ import json
 import tempfile
 
 import pytest
-from conftest import make_config, write_jsonl
+from conftest import train_steps, two_worker_config
 
 ROWS = [{"question": f"What is {i} plus one?", "output": f"{i + 1}"} for i in range(64)]
 
 
 def _cfg(tmp_path, tiny_model, name, **train):
-    return make_config(
-        tmp_path,
-        tiny_model,
-        write_jsonl(tmp_path / "train.jsonl", ROWS),
-        write_jsonl(tmp_path / "eval.jsonl", ROWS[:8]),
-        name=name,
-        lora={"dropout": 0.0},
-        train={
-            "epochs": 2,
-            "per_device_batch_size": 4,
-            "learning_rate": 3e-3,
-            "logging_steps": 1,
-            "eval_steps": 4,
-            "save_steps": 4,
-            "samples": 0,
-            **train,
-        },
-        scaling={"num_workers": 2},
-        storage={"keep_checkpoints": 3},
-    )
-
-
-def _train_steps(run):
-    return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    return two_worker_config(tmp_path, tiny_model, ROWS, name, epochs=2, eval_steps=4, save_steps=4, **train)
 
 
 @pytest.mark.slow
@@ -62,7 +39,7 @@ def test_interrupted_then_killed_run_matches_uninterrupted(tmp_path, tiny_model,
     assert resumed["global_step"] == 16
     # Steps 1-5 ran before the first kill; the rerun continued at 5 (after checkpoint 4), the restart
     # at 9 (after checkpoint 8). Each attempt replaced the lines logged after its checkpoint.
-    assert _train_steps(run) == list(range(1, 17))
+    assert train_steps(run) == list(range(1, 17))
     assert (run / "final" / "COMPLETE").exists() and (run / "final" / "adapter_model.safetensors").exists()
 
     full_hist = {e["step"]: e["loss"] for e in full["history"]["train"]}

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import REPO, make_config, write_jsonl
+from conftest import REPO, make_config, train_steps, write_jsonl
 
 from sft_ray.config import ConfigError, load_config
 
@@ -220,10 +220,6 @@ def _registered(run: Path) -> str | None:
     return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
 
 
-def _train_steps(run: Path) -> list[int]:
-    return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_killed_sweep_resumes_unfinished_trials_from_their_checkpoints(tmp_path, tiny_model, drivers):
@@ -267,10 +263,10 @@ def test_killed_sweep_resumes_unfinished_trials_from_their_checkpoints(tmp_path,
     # The finished trial was not trained again: its run folder is as the kill left it.
     assert f"resuming sweep/trials/{short.name}" not in log
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
-    assert _train_steps(short) == list(range(1, 7))
+    assert train_steps(short) == list(range(1, 7))
     # The interrupted one went on from its last registered checkpoint: every step trained once.
     assert f"resuming sweep/trials/{long_.name} from {resume_from} (step {step} of 24)" in log, log[-4000:]
-    assert _train_steps(long_) == list(range(1, 25))
+    assert train_steps(long_) == list(range(1, 25))
     assert json.loads((long_ / "final" / "metrics.json").read_text())["global_step"] == 24
 
     # Results and best/ over both trials, with each trial's whole history.
