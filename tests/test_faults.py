@@ -18,7 +18,8 @@ ROWS = [{"question": f"What is {i} plus one?", "output": f"{i + 1}"} for i in ra
 
 
 def _cfg(tmp_path, tiny_model, storage, name="run", **train):
-    cfg = two_worker_config(tmp_path, tiny_model, ROWS, name, max_steps=6, eval_steps=2, save_steps=2, **train)
+    train = {"max_steps": 6, "eval_steps": 2, "save_steps": 2, **train}
+    cfg = two_worker_config(tmp_path, tiny_model, ROWS, name, **train)
     return cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"path": str(storage)})})
 
 
@@ -198,7 +199,8 @@ def test_model_limits_and_a_broken_model_are_refused_before_any_worker(trained, 
     shutil.copytree(tiny_model, broken)
     (broken / "config.json").write_text("{")
     capsys.readouterr()
-    with pytest.raises(DataError, match=f"model.path: cannot load the model config from {broken}"):
+    # (transformers reads config.json for the tokenizer too: either load names it)
+    with pytest.raises(DataError, match=f"model.path: cannot load .* from {broken}.*config.json"):
         prepare(_cfg(tmp_path, broken, storage))
     (broken / "config.json").write_text((tiny_model / "config.json").read_text())
     prepare(_cfg(tmp_path, broken, storage))
