@@ -139,6 +139,10 @@ class TrainConfig(_Strict):
 class ScalingConfig(_Strict):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
+    # ddp: every worker holds the whole model. fsdp: FSDP2 shards weights, gradients and optimizer
+    # state over the workers, one unit per decoder layer (train/fsdp.py).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    cpu_offload: bool = False  # fsdp on GPUs: sharded weights, gradients and optimizer state live in CPU memory
 
 
 class StorageConfig(_Strict):
@@ -189,12 +193,30 @@ class Config(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$")
     model: ModelConfig
     quantization: QuantizationConfig | None = None
-    lora: LoraConfig = LoraConfig()
+    lora: LoraConfig | None = LoraConfig()  # null: full fine-tuning, every weight trained and saved
     data: DataConfig
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     storage: StorageConfig = StorageConfig()
     tune: SweepConfig | None = None  # a hyperparameter sweep (`sft-ray tune`); ignored by `sft-ray train`
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        """Combinations that cannot train, refused before any worker starts."""
+        s = self.scaling
+        if self.lora is None and self.quantization is not None:
+            raise ValueError(
+                "quantization (QLoRA) trains an adapter over frozen 4-bit weights: set lora, or quantization: null"
+            )
+        if s.strategy == "fsdp" and s.num_workers < 2:
+            raise ValueError(
+                "scaling.strategy=fsdp shards the model over the workers: set scaling.num_workers >= 2, or use ddp"
+            )
+        if s.cpu_offload and s.strategy != "fsdp":
+            raise ValueError("scaling.cpu_offload moves FSDP shards to CPU memory: it needs scaling.strategy=fsdp")
+        if s.cpu_offload and not s.use_gpu:
+            raise ValueError("scaling.cpu_offload: the workers train on CPUs already (scaling.use_gpu=false)")
+        return self
 
     @field_validator("name")
     @classmethod
