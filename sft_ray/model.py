@@ -81,11 +81,16 @@ def _dtype(name: str):
 
 
 def load_model(cfg: Config, device, tokenizer=None):
-    """The frozen base model on `device`, 4-bit when `quantization` is set; with `tokenizer`, its
-    embeddings fit that tokenizer (fit_embeddings), before the 4-bit preparation freezes them."""
+    """The base model on `device`, 4-bit when `quantization` is set; with `tokenizer`, its
+    embeddings fit that tokenizer (fit_embeddings), before the 4-bit preparation freezes them.
+
+    Under fsdp an unquantized model stays in CPU memory: sharding moves each worker's part to its
+    device, so no GPU ever holds the whole model. 4-bit weights are stored in the compute dtype
+    (`bnb_4bit_quant_storage`), which FSDP can shard; uint8 storage it cannot."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    sharded = cfg.scaling.strategy == "fsdp"
     kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
     kwargs["dtype"] = "auto" if cfg.model.dtype == "auto" else _dtype(cfg.model.dtype)
     q = cfg.quantization
@@ -95,13 +100,14 @@ def load_model(cfg: Config, device, tokenizer=None):
             bnb_4bit_quant_type=q.quant_type,
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=_dtype(q.compute_dtype),
+            **({"bnb_4bit_quant_storage": _dtype(q.compute_dtype)} if sharded else {}),
         )
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kwargs)
     if tokenizer is not None:
         fit_embeddings(model, tokenizer)
     if q is None:
-        model.to(device)
+        model.to("cpu" if sharded else device)
         if device.type == "cpu" and model.dtype == torch.float16:
             model.to(torch.float32)  # fp16 matmuls are not supported on every CPU
         return model
@@ -111,7 +117,7 @@ def load_model(cfg: Config, device, tokenizer=None):
         keep_4bit_trainable_on_cpu(model)
     return prepare_model_for_kbit_training(
         model,
-        use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+        use_gradient_checkpointing=cfg.train.gradient_checkpointing and not sharded,  # fsdp: FSDP's own
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
 
@@ -200,8 +206,11 @@ def serve_trained_rows_to_trl(model) -> None:
 
 def lora_config(cfg: Config, trainable_rows: dict[str, list[int]] | None = None):
     """The adapter: LoRA on `lora.target_modules`, plus the embedding rows of `trainable_rows`
-    (token_rows) trained whole and saved with it."""
+    (token_rows) trained whole and saved with it. None for full fine-tuning (`lora: null`)."""
     from peft import LoraConfig
+
+    if cfg.lora is None:
+        return None
 
     return LoraConfig(
         r=cfg.lora.r,

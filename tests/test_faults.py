@@ -213,13 +213,6 @@ def test_model_limits_and_a_broken_model_are_refused_before_any_worker(trained, 
 # -- one driver per name ------------------------------------------------------------------------
 
 
-def test_ray_train_sigint_handler_is_where_the_driver_turns_it_off():
-    """driver.fit replaces this method on its trainer: Ray's handler would abort without a checkpoint."""
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
-    assert callable(vars(DataParallelTrainer)["_register_sigint_handler"])
-
-
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()

@@ -224,35 +224,3 @@ def test_packing_refused_for_a_model_that_ignores_position_ids(tiny_model, tmp_p
     ).eval()
     with pytest.raises(ValueError, match=r"data.packing: the model tiny-opt \(opt\) does not keep packed examples"):
         check_packing_isolates(opt, "tiny-opt")
-
-
-def test_accelerate_sharding_made_a_passthrough_for_a_workers_own_share():
-    """Pins the accelerate attributes `unsharded` sets: a loader Accelerate prepared for rank 1 of 2
-    keeps every other batch; made a passthrough, it yields all of them, still in the seeded order,
-    and the skip on resume (what the HF Trainer calls) skips by index within them."""
-    from accelerate.data_loader import prepare_data_loader, skip_first_batches
-    from torch.utils.data import DataLoader, RandomSampler
-
-    from sft_ray.train.shards import unsharded
-
-    def loader():
-        data = list(range(12))
-        return prepare_data_loader(
-            DataLoader(data, batch_size=2, sampler=RandomSampler(data)),
-            num_processes=2,
-            process_index=1,
-            put_on_device=False,
-            use_seedable_sampler=True,
-            data_seed=7,
-        )
-
-    sharded = [b.tolist() for b in loader()]
-    assert len(sharded) == 3  # Accelerate's own behaviour, which a worker's share must not get
-    own = unsharded(loader())
-    own.set_epoch(0)
-    batches = [b.tolist() for b in own]
-    assert len(batches) == 6 and sorted(x for b in batches for x in b) == list(range(12))
-    assert sharded == batches[1::2]  # the same seeded order, all of it
-    skipped = skip_first_batches(own, 4)
-    skipped.set_epoch(0)
-    assert [b.tolist() for b in skipped] == batches[4:]

@@ -33,17 +33,18 @@ def count_packed_rows_in_num_tokens(trainer) -> None:
     Same gather as TRL's own, at the same point, so every rank takes part."""
     import torch
 
+    from sft_ray.train.compat import set_total_train_tokens, total_train_tokens
+
     compute_loss = trainer.compute_loss
 
     def counted(model, inputs, *args, **kwargs):
-        before = trainer._total_train_tokens
+        before = total_train_tokens(trainer)
         out = compute_loss(model, inputs, *args, **kwargs)
         rows = "position_ids" in inputs and "attention_mask" not in inputs and "cu_seq_lens_q" not in inputs
-        if rows and trainer._total_train_tokens != before:  # a training batch TRL has just counted
+        if rows and total_train_tokens(trainer) != before:  # a training batch TRL has just counted
             pos = inputs["position_ids"]
             real = torch.tensor([packed_real_tokens(pos)], device=pos.device)
-            trainer._total_train_tokens = before + int(trainer.accelerator.gather_for_metrics(real).sum())
-            trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
+            set_total_train_tokens(trainer, before + int(trainer.accelerator.gather_for_metrics(real).sum()))
         return out
 
     trainer.compute_loss = counted
@@ -90,13 +91,22 @@ def _peak_memory_mb(device) -> float:
 
 class RunCallback(TrainerCallback):
     def __init__(
-        self, counter: TokenCounter, run_dir: str, rank: int, device, tb_dir: str | None, fail: dict, async_upload: bool
+        self,
+        counter: TokenCounter,
+        run_dir: str,
+        rank: int,
+        device,
+        tb_dir: str | None,
+        fail: dict,
+        async_upload: bool,
+        sharded_checkpoints: bool = False,
     ):
         from sft_ray.train.interrupt import StopWatch
 
         self.counter, self.run_dir, self.rank, self.device = counter, run_dir, rank, device
         self.stop, self.interrupted = StopWatch(run_dir, rank), False
         self.tb_dir, self.fail, self.async_upload = tb_dir, fail, async_upload
+        self.sharded_checkpoints = sharded_checkpoints  # fsdp: each rank writes its own part
         self.rates: list[float] = []  # trained tokens/s per log (the HF log history keeps no copy)
         self.logged = list(counter.totals)
         self.busy = 0.0  # seconds spent inside training steps since the last log (no eval, no saving)
@@ -160,10 +170,14 @@ class RunCallback(TrainerCallback):
         staged = tempfile.mkdtemp(prefix=f"upload-{name}-", dir=args.output_dir)  # not `checkpoint-*`: HF rotates those
         if self.rank == 0:
             _link_tree(folder, staged)
-        else:  # the other ranks add only their own RNG state; rank 0's files are the same on every rank
+        else:  # other ranks add their own RNG state (and fsdp parts); the rest is the same on every rank
             rng = os.path.join(folder, f"rng_state_{self.rank}.pth")
             if os.path.exists(rng):
                 shutil.copy(rng, staged)
+            if self.sharded_checkpoints:
+                from sft_ray.train.fsdp import stage_own_shards
+
+                stage_own_shards(folder, staged, self.rank)
         _report(self._metrics(state), staged, name, self.async_upload)
         if self.rank == 0:
             self.upload_logs()

@@ -11,7 +11,8 @@ So the driver reads the list before each run. An unreadable list is rebuilt from
 folders that are whole; a listed checkpoint whose files are damaged is set aside (with one line
 naming the file) and the previous whole one is used. Whole means: the trainer state, optimizer,
 scheduler, weights and every worker's RNG state are there, non-empty and readable (safetensors
-headers match their sizes, `torch.save` archives have their index, JSON parses). The list's format
+headers match their sizes, `torch.save` archives have their index, JSON parses); under fsdp, every
+rank's part of the sharded weights and optimizer state. The list's format
 is Ray's private one; `tests/test_faults.py` pins it by having Ray load what this module wrote.
 """
 
@@ -84,13 +85,19 @@ def verify(uri: str, world: int | None = None) -> int:
     files = {i.path[len(path.rstrip("/")) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
     if not files:
         raise Damaged(f"{uri}: no files")
-    needed = ["trainer_state.json", "optimizer.pt", "scheduler.pt"]
-    if not any(n.endswith(".safetensors") for n in files):
-        needed.append("adapter_model.safetensors")
     rng = sorted(int(m.group(1)) for n in files if (m := re.fullmatch(r"rng_state_(\d+)\.pth", n)))
+    ranks = range(world) if world and world > 1 else range(max(rng, default=-1) + 1)
+    needed = ["trainer_state.json", "scheduler.pt"]
+    # fsdp: weights and optimizer state are folders of parts (torch.distributed.checkpoint), one per rank.
+    sharded = sorted({n.rsplit("/", 1)[0] for n in files if n.endswith("/.metadata")})
+    for folder in sharded:
+        needed += [f"{folder}/__{r}_0.distcp" for r in ranks or [0]]
+    if not sharded:
+        needed.append("optimizer.pt")
+        if not any(n.endswith(".safetensors") for n in files):
+            needed.append("adapter_model.safetensors")
     if "rng_state.pth" not in files:
-        expected = range(world) if world and world > 1 else range(max(rng, default=-1) + 1)
-        needed += [f"rng_state_{r}.pth" for r in expected] or ["rng_state.pth"]
+        needed += [f"rng_state_{r}.pth" for r in ranks] or ["rng_state.pth"]
     for name in needed:
         if name not in files:
             raise Damaged(f"{storage.join(uri, name)}: missing")

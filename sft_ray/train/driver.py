@@ -15,6 +15,7 @@ from sft_ray.data.pipeline import check_sources, prepare
 from sft_ray.lease import Lease
 from sft_ray.ray_runtime import ensure_ray
 from sft_ray.train.checkpoints import resume_point
+from sft_ray.train.compat import no_ray_sigint_handler, worker_group_startup_timeout
 from sft_ray.train.final import run_dir, stored_config, stored_summary
 from sft_ray.train.interrupt import Interrupted, stop_on_signals
 from sft_ray.train.shards import check_batch, total_steps
@@ -134,15 +135,11 @@ def fit(
             callbacks=callbacks,
         ),
     )
-    # Ray Train's own Ctrl-C handler aborts the run without a checkpoint and replaces the driver's
-    # (train/interrupt.py), which saves first. Private to Ray 2.60; pinned by tests/test_faults.py.
-    trainer._register_sigint_handler = lambda controller: None
+    no_ray_sigint_handler(trainer)
     try:
         return trainer.fit()
     except ray.train.ControllerError as err:
-        from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
-
-        if isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+        if isinstance(err.controller_failure, worker_group_startup_timeout()):
             raise Unplaceable(_unplaceable(cfg, worker_cpus)) from err
         raise
 

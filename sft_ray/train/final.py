@@ -144,8 +144,12 @@ def write_final(
     rates: list[float],
     start_step: int = 0,
     data_shares: list[dict] | None = None,
+    weights: dict | None = None,
 ) -> dict:
-    """Write `final/` whole (never half) and return the summary the driver prints."""
+    """Write `final/` whole (never half) and return the summary the driver prints. `weights`: the
+    trained weights gathered from a sharded model (fsdp.trainable_state_dict), None under ddp."""
+    from sft_ray.train.fsdp import save_final_weights
+
     summary = summarize(trainer, before, after, train_metrics, rates, start_step)
     summary["data_shares"] = data_shares or []  # what each worker held: its own rows, filler, memory-mapped
     samples = [
@@ -167,7 +171,7 @@ def write_final(
     summary.update(shares)
     dest = storage.join(run_dir(cfg), "final")
     with tempfile.TemporaryDirectory() as tmp:
-        trainer.model.save_pretrained(tmp)
+        save_final_weights(trainer.model, tmp, weights)
         tokenizer.save_pretrained(tmp)
         with open(f"{tmp}/config.yaml", "w") as f:
             yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)

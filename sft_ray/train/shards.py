@@ -158,18 +158,10 @@ def keep_own_share(trainer, world: int) -> None:
     wrapper a passthrough (one process) is what transformers itself does for its rank-aware
     `BatchRebalanceSampler` (Trainer._get_dataloader, transformers 5.24); the sampler below it,
     the seeded shuffle and the skip on resume stay Accelerate's. Pinned by tests/test_train_units.py."""
+    from sft_ray.train.compat import unsharded
+
     build, count = trainer.get_train_dataloader, trainer.num_examples
     trainer.get_train_dataloader = lambda: unsharded(build())
     # The HF Trainer's train_samples_per_second counts the train loader's dataset: this worker's
     # share, all workers' rows only once multiplied by the worker count.
     trainer.num_examples = lambda loader: count(loader) * (world if loader.dataset is trainer.train_dataset else 1)
-
-
-def unsharded(loader):
-    """`loader` made to yield every batch of its own dataset on this process (see keep_own_share)."""
-    from accelerate.data_loader import BatchSamplerShard
-
-    shard = getattr(loader, "batch_sampler", None)
-    if isinstance(shard, BatchSamplerShard):
-        shard.num_processes, shard.process_index = 1, 0
-    return loader

@@ -7,6 +7,7 @@ Each worker reads its own share of the prepared rows from storage (train/shards.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -29,9 +30,11 @@ def sample_prompts(eval_ds, n: int) -> list[dict]:
     return out
 
 
-def generate(model, tokenizer, prompts: list[dict], device, stops: list[int]) -> list[dict]:
+def generate(model, tokenizer, prompts: list[dict], device, stops: list[int], synced: bool = False) -> list[dict]:
     """Greedy continuations; `stopped` is whether the model produced a stop token (EOS, or the
-    chat template's end of turn where that differs) itself."""
+    chat template's end of turn where that differs) itself. `synced`: every worker calls this with
+    the same prompts, as a sharded model needs (each step gathers layers from all of them); a worker
+    that has stopped keeps stepping until all have."""
     import torch
 
     results = []
@@ -47,6 +50,7 @@ def generate(model, tokenizer, prompts: list[dict], device, stops: list[int]) ->
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=stops,
+                synced_gpus=synced,
             )
             new = out[0, ids.shape[1] :].tolist()
             results.append({"text": tokenizer.decode(new), "stopped": any(t in new for t in stops)})
@@ -57,7 +61,10 @@ def generate(model, tokenizer, prompts: list[dict], device, stops: list[int]) ->
 def _sft_config(cfg: Config, output_dir: str, device, has_eval: bool, resumed: bool):
     from trl import SFTConfig
 
+    from sft_ray.train import fsdp
+
     t = cfg.train
+    sharding = {"fsdp": True, "fsdp_config": fsdp.fsdp_config(cfg)} if fsdp.enabled(cfg) else {}
     on_gpu = device.type == "cuda"
     bf16 = on_gpu and (
         cfg.model.dtype == "bfloat16" or (cfg.quantization is not None and cfg.quantization.compute_dtype == "bfloat16")
@@ -88,7 +95,8 @@ def _sft_config(cfg: Config, output_dir: str, device, has_eval: bool, resumed: b
         data_seed=t.seed,
         bf16=bf16,
         # TRL would default it on (stack-notes T2); the new names also keep the old ones' FutureWarning away.
-        activation_checkpointing=t.gradient_checkpointing,
+        # Under fsdp it is FSDP's own (fsdp_config).
+        activation_checkpointing=t.gradient_checkpointing and not sharding,
         activation_checkpointing_kwargs={"use_reentrant": False},
         report_to=list(t.report_to) or "none",
         disable_tqdm=True,
@@ -96,6 +104,7 @@ def _sft_config(cfg: Config, output_dir: str, device, has_eval: bool, resumed: b
         dataloader_num_workers=0,
         dataset_kwargs={"skip_prepare_dataset": True},  # rows are tokenized and masked already
         remove_unused_columns=False,
+        **sharding,
     )
 
 
@@ -127,16 +136,17 @@ def _local_dir(name: str, run_dir: str) -> str:
     return path
 
 
-def _baseline_generations(
-    cfg: Config, trainer, tokenizer, prompts, stops: list[int], device, rank: int, resumed: bool
-) -> dict:
-    """Generations before training (rank 0), kept in storage so a resumed run still has them."""
-    uri = storage.join(cfg.storage.path, cfg.name, "baseline.json")
+def _baseline_generations(me: Worker, built: Built, resumed: bool) -> dict:
+    """Generations before training (rank 0, the model still whole on every worker), kept in
+    storage so a resumed run still has them."""
+    uri = storage.join(me.run_dir, "baseline.json")
     if resumed and storage.exists(uri):
         return storage.read_json(uri)
-    if rank != 0:
+    if me.rank != 0:
         return {}
-    before = {"generations": generate(trainer.model, tokenizer, prompts, device, stops) if prompts else []}
+    model, prompts = built.trainer.model, built.prompts
+    device = next(model.parameters()).device  # under fsdp: where the whole model waits to be sharded
+    before = {"generations": generate(model, built.tokenizer, prompts, device, built.stops) if prompts else []}
     storage.write_json(uri, before)
     return before
 
@@ -172,10 +182,61 @@ def _kept_final(cfg: Config, step: int, start_step: int, rank: int) -> dict | No
     return box[0]
 
 
-def train_loop(loop_config: dict) -> dict:
-    import ray.train
-    from trl import SFTTrainer
+@dataclasses.dataclass
+class Worker:
+    """What one worker knows about its place in the run."""
 
+    cfg: Config
+    rank: int
+    world: int
+    device: object
+    run_dir: str
+    output_dir: str
+
+
+@dataclasses.dataclass
+class Built:
+    """The trainer and what the steps after training need from its making."""
+
+    trainer: object
+    tokenizer: object
+    callback: object
+    prompts: list[dict]
+    stops: list[int]
+    share: dict
+
+
+def train_loop(loop_config: dict) -> dict:
+    """The recipe every worker runs: build the trainer, train (or resume), finish (rank 0 writes final/)."""
+    import ray.train
+
+    cfg = Config.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    run_dir = storage.join(cfg.storage.path, cfg.name)
+    me = Worker(
+        cfg,
+        ctx.get_world_rank(),
+        ctx.get_world_size(),
+        ray.train.torch.get_device(),
+        run_dir,
+        _local_dir(cfg.name, run_dir),
+    )
+    resume_dir = ray.train.get_checkpoint()
+    built = build_trainer(me, loop_config, resumed=resume_dir is not None)
+    before = _baseline_generations(me, built, resumed=resume_dir is not None)
+    result, start_step = train_or_resume(built.trainer, resume_dir)
+    if built.callback.interrupted:  # saved at this step and handed to Ray Train; final/ waits for the rerun
+        built.callback.upload_logs()
+        ray.train.report({"interrupted": 1, "step": built.trainer.state.global_step})
+        _clean_scratch(me.output_dir)
+        return {"interrupted": True, "global_step": built.trainer.state.global_step}
+    summary = finish(me, built, loop_config["manifest"], before, result, start_step)
+    _clean_scratch(me.output_dir)
+    return summary
+
+
+def build_trainer(me: Worker, loop_config: dict, resumed: bool) -> Built:
+    """Tokenizer, model, this worker's rows and TRL's SFTTrainer with the run's callbacks."""
     from sft_ray.chat_format import template_text
     from sft_ray.model import (
         check_packing_isolates,
@@ -185,101 +246,124 @@ def train_loop(loop_config: dict) -> dict:
         serve_trained_rows_to_trl,
         token_rows,
     )
+    from sft_ray.train import fsdp
     from sft_ray.train.callbacks import RunCallback, TokenCounter, count_packed_rows_in_num_tokens
     from sft_ray.train.collate import make_collator
-    from sft_ray.train.final import stop_ids, write_final
+    from sft_ray.train.compat import attn_implementation
+    from sft_ray.train.final import stop_ids
     from sft_ray.train.shards import even_out, keep_own_share, load_share, rows_per_worker
 
-    cfg = Config.model_validate(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    run_dir = storage.join(cfg.storage.path, cfg.name)
-    output_dir = _local_dir(cfg.name, run_dir)
-    tb_dir = os.path.join(output_dir, "tensorboard") if "tensorboard" in cfg.train.report_to else None
+    cfg = me.cfg
+    tb_dir = os.path.join(me.output_dir, "tensorboard") if "tensorboard" in cfg.train.report_to else None
     if tb_dir:
         os.environ["TENSORBOARD_LOGGING_DIR"] = tb_dir
-
     template = template_text(cfg.data.chat_template)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, template)
-    model = load_model(cfg, device, tokenizer)
+    model = load_model(cfg, me.device, tokenizer)
     if cfg.data.packing:
         check_packing_isolates(model, cfg.model.path)
     prepared, manifest = loop_config["prepared"], loop_config["manifest"]
-    own = load_share(prepared, manifest, "train", rank, world, os.path.join(output_dir, "data"))
-    train_ds = even_out(own, rows_per_worker(manifest, world, cfg.train.per_device_batch_size), tokenizer.pad_token_id)
-    eval_ds = load_share(prepared, manifest, "eval", rank, world, os.path.join(output_dir, "data"))
+    scratch = os.path.join(me.output_dir, "data")
+    own = load_share(prepared, manifest, "train", me.rank, me.world, scratch)
+    rows = rows_per_worker(manifest, me.world, cfg.train.per_device_batch_size)
+    train_ds = even_out(own, rows, tokenizer.pad_token_id)
+    eval_ds = load_share(prepared, manifest, "eval", me.rank, me.world, scratch)
     # What this worker holds (rank 0 writes every worker's into the summary): tests and users can
     # check that no worker holds another's rows, and that they are memory-mapped, not in memory.
-    share = {"rank": rank, "rows": len(own), "filler": len(train_ds) - len(own), "memory_mapped": bool(own.cache_files)}
+    share = {
+        "rank": me.rank,
+        "rows": len(own),
+        "filler": len(train_ds) - len(own),
+        "memory_mapped": bool(own.cache_files),
+    }
     counter = TokenCounter()
-    checkpoint = ray.train.get_checkpoint()
     callback = RunCallback(
-        counter, run_dir, rank, device, tb_dir, loop_config.get("fail", {}), loop_config.get("async_upload", True)
+        counter,
+        me.run_dir,
+        me.rank,
+        me.device,
+        tb_dir,
+        loop_config.get("fail", {}),
+        loop_config.get("async_upload", True),
     )
-    trainer = SFTTrainer(
+    callback.shards_of = me.rank if fsdp.enabled(cfg) else None
+    trainer = fsdp.trainer_class(cfg, me.device)(
         model=model,
-        args=_sft_config(cfg, output_dir, device, eval_ds is not None, checkpoint is not None),
+        args=_sft_config(cfg, me.output_dir, me.device, eval_ds is not None, resumed),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg, token_rows(model, tokenizer, template)),
+        peft_config=lora_config(cfg, token_rows(model, tokenizer, template) if cfg.lora else None),
         # Flatten packed rows only for a varlen kernel (see collate.py).
-        data_collator=make_collator(tokenizer.pad_token_id, "flash" in (model.config._attn_implementation or "")),
+        data_collator=make_collator(tokenizer.pad_token_id, "flash" in attn_implementation(model)),
     )
     serve_trained_rows_to_trl(trainer.model)
-    keep_own_share(trainer, world)
+    keep_own_share(trainer, me.world)
     trainer.training_step = counter.wrap(trainer.training_step)
     count_packed_rows_in_num_tokens(trainer)
     # First in line, so the throughput it adds to each log reaches TensorBoard and MLflow too.
     trainer.callback_handler.callbacks.insert(0, callback)
-
     prompts = sample_prompts(eval_ds, cfg.train.samples) if eval_ds is not None else []
-    stops = stop_ids(cfg, tokenizer)
-    before = _baseline_generations(cfg, trainer, tokenizer, prompts, stops, device, rank, checkpoint is not None)
-    start_step = 0
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            with open(os.path.join(ckpt_dir, "trainer_state.json")) as f:
-                start_step = json.load(f)["global_step"]
-            result = trainer.train(resume_from_checkpoint=ckpt_dir)
-    else:
-        result = trainer.train()
-    if callback.interrupted:  # saved at this step and handed to Ray Train; final/ waits for the rerun
-        callback.upload_logs()
-        ray.train.report({"interrupted": 1, "step": trainer.state.global_step})
-        _clean_scratch(output_dir)
-        return {"interrupted": True, "global_step": trainer.state.global_step}
-    kept = _kept_final(cfg, trainer.state.global_step, start_step, rank)
+    return Built(trainer, tokenizer, callback, prompts, stop_ids(cfg, tokenizer), share)
+
+
+def train_or_resume(trainer, checkpoint) -> tuple[object, int]:
+    """Train from the start, or from Ray Train's latest checkpoint (the HF checkpoint folder it
+    holds restores weights, optimizer, scheduler, RNG states and the data position).
+    Returns the train result and the step this attempt started from."""
+    if checkpoint is None:
+        return trainer.train(), 0
+    with checkpoint.as_directory() as ckpt_dir:
+        with open(os.path.join(ckpt_dir, "trainer_state.json")) as f:
+            start_step = json.load(f)["global_step"]
+        return trainer.train(resume_from_checkpoint=ckpt_dir), start_step
+
+
+def finish(me: Worker, built: Built, manifest: dict, before: dict, result, start_step: int) -> dict:
+    """The final evaluation and generations, final/ written whole by rank 0, the last report."""
+    import ray.train
+
+    from sft_ray.train import fsdp
+    from sft_ray.train.final import write_final
+
+    trainer, cfg = built.trainer, me.cfg
+    kept = _kept_final(cfg, trainer.state.global_step, start_step, me.rank)
     if kept is not None:
         after = {"eval_loss": kept["eval_loss_after"]} if kept.get("eval_loss_after") is not None else {}
     else:
-        after = {"eval_loss": trainer.evaluate()["eval_loss"]} if eval_ds is not None else {}
-
-    shares = _gathered(share)
-    summary = kept if kept is not None and rank == 0 else {}
-    if kept is None and rank == 0:
-        before = storage.read_json(storage.join(run_dir, "baseline.json"))  # + the step-0 eval loss
-        after["generations"] = generate(trainer.model, tokenizer, prompts, device, stops) if prompts else []
-        summary = write_final(
-            cfg,
-            trainer,
-            tokenizer,
-            prompts,
-            before,
-            after,
-            result.metrics,
-            loop_config["manifest"],
-            callback.rates,
-            start_step,
-            shares,
-        )
-        callback.upload_logs()
+        after = {"eval_loss": trainer.evaluate()["eval_loss"]} if trainer.eval_dataset is not None else {}
+    shares = _gathered({**built.share, "sharded": fsdp.sharded(trainer.model)})
+    summary = kept if kept is not None and me.rank == 0 else {}
+    if kept is None:
+        # A sharded model generates and gathers its weights on every worker; a whole one on rank 0 alone.
+        synced = fsdp.sharded(trainer.model)
+        if (me.rank == 0 or synced) and built.prompts:
+            after["generations"] = generate(
+                trainer.model, built.tokenizer, built.prompts, me.device, built.stops, synced
+            )
+        weights = fsdp.trainable_state_dict(trainer)
+        if me.rank == 0:
+            before = storage.read_json(storage.join(me.run_dir, "baseline.json"))  # + the step-0 eval loss
+            after.setdefault("generations", [])
+            summary = write_final(
+                cfg,
+                trainer,
+                built.tokenizer,
+                built.prompts,
+                before,
+                after,
+                result.metrics,
+                manifest,
+                built.callback.rates,
+                start_step,
+                shares,
+                weights,
+            )
+            built.callback.upload_logs()
     final_metrics = {"finished": 1, "step": trainer.state.global_step}
     if "eval_loss" in after:
         final_metrics["eval_loss"] = after["eval_loss"]
     ray.train.report(final_metrics)
-    _clean_scratch(output_dir)
     return summary
 
 

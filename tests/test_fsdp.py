@@ -1,0 +1,97 @@
+"""FSDP2 (`scaling.strategy: fsdp`) on a real local Ray with 2 CPU workers over gloo: the same
+training as DDP, sharded checkpoints that resume exactly, a killed worker, full fine-tuning."""
+
+import json
+
+import pytest
+from conftest import train_steps, two_worker_config
+
+ROWS = [{"question": f"What is {i} plus one?", "output": f"{i + 1}"} for i in range(64)]
+
+
+def _cfg(tmp_path, tiny_model, name, strategy="fsdp", **train):
+    cfg = two_worker_config(tmp_path, tiny_model, ROWS, name, epochs=2, eval_steps=4, save_steps=4, **train)
+    cfg.scaling.strategy = strategy
+    return cfg
+
+
+def _losses(run) -> dict[int, float]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {e["step"]: e["loss"] for e in lines if "loss" in e}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model, ray_local):
+    """One DDP and one FSDP run of the same data, seed and steps (16, a checkpoint every 4)."""
+    from sft_ray.train.driver import train
+
+    tmp = tmp_path_factory.mktemp("fsdp")
+    return {
+        "ddp": train(_cfg(tmp, tiny_model, "ddp", strategy="ddp", samples=2)),
+        "fsdp": train(_cfg(tmp, tiny_model, "fsdp", samples=2)),
+        "storage": tmp / "storage",
+        "tmp": tmp,
+    }
+
+
+def test_fsdp_shards_the_model_and_trains_as_ddp_does(runs):
+    ddp, fsdp, storage = runs["ddp"], runs["fsdp"], runs["storage"]
+    assert [s["sharded"] for s in fsdp["data_shares"]] == [True, True]
+    assert [s["sharded"] for s in ddp["data_shares"]] == [False, False]
+    a, b = _losses(storage / "ddp"), _losses(storage / "fsdp")
+    assert sorted(a) == sorted(b) == list(range(1, 17))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=2e-3), step
+    assert b[16] < b[1] - 0.5  # it learned
+    assert fsdp["eval_loss_after"] == pytest.approx(ddp["eval_loss_after"], rel=5e-3)
+    assert len(fsdp["samples"]) == 2  # generated on both sharded workers, in step
+
+
+def test_fsdp_checkpoints_hold_every_workers_part(runs):
+    ckpt = runs["storage"] / "fsdp" / "checkpoint-0000016"
+    for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
+        names = sorted(p.name for p in (ckpt / folder).iterdir())
+        assert names == [".metadata", "__0_0.distcp", "__1_0.distcp"], names
+    # The frozen base is not in them: only the adapter's weights (and their optimizer state).
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(ckpt / "pytorch_model_fsdp_0")).read_metadata().state_dict_metadata
+    assert keys and all("lora_" in k for k in keys), list(keys)[:5]
+
+
+def test_fsdp_final_adapter_loads_without_fsdp_and_matches_ddp(runs, tiny_model):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    storage = runs["storage"]
+    fsdp, ddp = (
+        load_file(storage / "fsdp/final/adapter_model.safetensors"),
+        load_file(storage / "ddp/final/adapter_model.safetensors"),
+    )
+    assert sorted(fsdp) == sorted(ddp)
+    for key in ddp:
+        assert fsdp[key].shape == ddp[key].shape
+        assert (fsdp[key] - ddp[key]).abs().max() < 2e-3 + 2e-2 * ddp[key].abs().max(), key
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), storage / "fsdp/final")
+    assert any(n.endswith("lora_B.default.weight") and p.abs().sum() > 0 for n, p in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_fsdp_interrupted_then_killed_run_resumes_exactly(runs, tiny_model, monkeypatch):
+    import ray.train
+
+    from sft_ray.train.driver import train
+
+    tmp, storage = runs["tmp"], runs["storage"]
+    monkeypatch.setenv("SFT_RAY_FAIL_AT_STEP", "6:1")
+    with pytest.raises(ray.train.TrainingFailedError):
+        train(_cfg(tmp, tiny_model, "cut"))
+    monkeypatch.setenv("SFT_RAY_FAIL_AT_STEP", "10:1")
+    resumed = train(_cfg(tmp, tiny_model, "cut", max_failures=1))
+    assert resumed["global_step"] == 16
+    assert train_steps(storage / "cut") == list(range(1, 17))
+    full, cut = _losses(storage / "fsdp"), _losses(storage / "cut")
+    for step in full:
+        assert cut[step] == pytest.approx(full[step], rel=1e-4), step
+    assert resumed["eval_loss_after"] == pytest.approx(runs["fsdp"]["eval_loss_after"], rel=1e-4)
