@@ -41,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=5, help="rows to show (default: 5)")
     p.add_argument("--html", help="also write an HTML page here")
 
+    p = sub.add_parser("plan", help="per-worker memory under ddp and fsdp, and which fits (no GPU, no Ray)")
+    _config_args(p)
+    p.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        help="memory of one GPU (CPU workers: the memory each worker may hold), for the verdict",
+    )
+
     p = sub.add_parser("report", help="plots and a one-page HTML summary of a run, in RUN_DIR/report/")
     p.add_argument("run_dir")
 
@@ -131,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             print(audit(cfg, args.n, args.html, color=sys.stdout.isatty()))
             if args.html:
                 print(f"HTML audit written to {args.html}")
+        elif args.command == "plan":
+            from sft_ray.plan import format_plan
+
+            print(format_plan(cfg, args.gpu_memory_gb))
         elif args.command == "train":
             from sft_ray.train.driver import train
 
