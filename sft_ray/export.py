@@ -67,7 +67,8 @@ def find_checkpoint(run_dir: str, which: str) -> Path:
         raise FileNotFoundError(f"{run}: no such run folder")
     if which == "final":
         final = run / "final"
-        if not (final / "adapter_config.json").is_file():
+        # An adapter, or with `lora: null` (full fine-tuning) a whole model.
+        if not (final / "adapter_config.json").is_file() and not (final / "config.json").is_file():
             raise FileNotFoundError(
                 f"{final}: no final adapter (the run has not finished); use --checkpoint latest or best"
             )
@@ -110,6 +111,11 @@ def merge(adapter_dir: str, out_dir: str, base_path: str | None = None, dtype: s
 
     adapter, out = Path(adapter_dir), Path(out_dir)
     config_path = adapter / "adapter_config.json"
+    if not config_path.is_file() and (adapter / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{adapter}: a whole model (the run fine-tuned every weight, lora: null), not an adapter: there is "
+            "nothing to merge; it loads with AutoModelForCausalLM.from_pretrained as it is"
+        )
     if not config_path.is_file():
         raise FileNotFoundError(f"{adapter}: no adapter_config.json, not a LoRA adapter folder")
     if dtype not in _DTYPES:

@@ -163,3 +163,8 @@ def test_fsdp_full_fine_tuning_writes_a_plain_model(tmp_path, tiny_model, ray_lo
     assert _reloaded_eval_loss(tuned, run, cfg) == pytest.approx(summary["eval_loss_after"], rel=2e-3)
     ckpt = run / "checkpoint-0000004" / "pytorch_model_fsdp_0"
     assert sorted(p.name for p in ckpt.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    from sft_ray.export import find_checkpoint, merge
+
+    assert find_checkpoint(str(run), "final") == run / "final"
+    with pytest.raises(FileNotFoundError, match="a whole model .* nothing to merge"):
+        merge(str(run / "final"), str(tmp_path / "merged"))
