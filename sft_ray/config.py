@@ -214,6 +214,12 @@ class Config(_Strict):
             )
         if s.cpu_offload and s.strategy != "fsdp":
             raise ValueError("scaling.cpu_offload moves FSDP shards to CPU memory: it needs scaling.strategy=fsdp")
+        if s.strategy == "fsdp" and self.lora is not None and self.data.chat_template == "chatml":
+            raise ValueError(
+                "data.chat_template=chatml trains the embedding rows of its new tokens next to the adapter (PEFT "
+                "trainable tokens), which FSDP cannot shard (measured: mixed Tensor and DTensor in PEFT's index_copy): "
+                "use scaling.strategy=ddp, the model's own chat template, or lora: null (full fine-tuning)"
+            )
         if s.cpu_offload and not s.use_gpu:
             raise ValueError("scaling.cpu_offload: the workers train on CPUs already (scaling.use_gpu=false)")
         return self

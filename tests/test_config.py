@@ -117,3 +117,25 @@ def test_an_unknown_key_suggests_the_close_one(tmp_path):
     assert "data.train.0.formt: unknown key (did you mean format?)" in message
     assert "quantization.quant_typ: unknown key (did you mean quant_type?)" in message
     assert "data.chat_template_kwarg: unknown key (did you mean chat_template_kwargs?) (from the override" in message
+
+
+@pytest.mark.parametrize(
+    "overrides, names",
+    [
+        (["lora=null", "quantization.quant_type=nf4"], "set lora, or quantization: null"),
+        (["scaling.strategy=fsdp", "scaling.num_workers=1"], "scaling.strategy=fsdp shards the model over the workers"),
+        (["scaling.cpu_offload=true"], "scaling.cpu_offload .* needs scaling.strategy=fsdp"),
+        (["scaling.strategy=fsdp", "scaling.cpu_offload=true"], "scaling.cpu_offload: the workers train on CPUs"),
+        (["scaling.strategy=fsdp", "data.chat_template=chatml"], "data.chat_template=chatml .* FSDP cannot shard"),
+    ],
+)
+def test_combinations_that_cannot_train_are_refused_naming_the_keys(tmp_path, overrides, names):
+    with pytest.raises(ConfigError, match=names):
+        load_config(_write(tmp_path, BASE), overrides)
+
+
+def test_full_fine_tuning_and_fsdp_combinations_that_train_load(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), ["lora=null", "scaling.strategy=fsdp", "data.chat_template=chatml"])
+    assert cfg.lora is None and cfg.scaling.strategy == "fsdp"
+    cfg = load_config(_write(tmp_path, BASE), ["scaling.strategy=fsdp", "quantization.quant_type=nf4"])
+    assert cfg.quantization.quant_type == "nf4" and cfg.lora is not None
