@@ -20,15 +20,17 @@ its sources (sft_ray/model.py, TRL 1.16's SFTTrainer, PEFT 0.21, torch 2.13's Ad
   exp_avg_sq in the parameter's dtype: 8 bytes per float32 parameter, 4 per bfloat16 one. No fp32
   master copy: the HF Trainer keeps none.
 - activations, loss: see `activation_bytes` and `loss_bytes`.
-- fsdp: weights, adapter, gradients and optimizer state divided by the workers (frozen weights
-  too); plus the gathered units: FSDP2 keeps the root unit (what is outside the decoder layers:
-  embeddings, final norm, lm_head) gathered from forward to backward, plus the current decoder
-  layer and the one prefetched. With `scaling.cpu_offload` the sharded parts are in CPU memory.
+- fsdp (FSDP2 through Accelerate 1.15, sft_ray/train/fsdp.py): weights, adapter, gradients and
+  optimizer state divided by the workers (frozen weights too; QLoRA's absmax values are no
+  parameters and stay whole); plus the gathered units (`_gathered_bytes`). Under bf16 mixed
+  precision Accelerate casts the trained parameters to float32 first (full fine-tuning: the whole
+  model). With `scaling.cpu_offload` the sharded parts are in CPU memory. The model is loaded
+  whole before it is sharded: on the device for QLoRA, in CPU memory otherwise (load_peak).
 - CPU workers: the number compared is the process's RSS, which includes what the worker process
   holds before any model (WORKER_BASELINE_BYTES).
 
 Left out: the CUDA context and the caching allocator's slack on GPUs (hence the 90% in `fits`),
-transient copies while loading, evaluation and generation (smaller than a training step).
+the GPU worker process's own CPU memory, evaluation and generation (smaller than a training step).
 """
 
 from __future__ import annotations
@@ -96,7 +98,10 @@ def model_shape(path: str, trust_remote_code: bool = False) -> dict:
     layers = max(
         (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers),
         key=lambda m: sum(p.numel() for p in m.parameters()),
+        default=None,
     )
+    if layers is None:
+        raise DataError(f"model.path: {path}: no list of its {n_layers} decoder layers was found to plan with")
     in_layers = {id(p) for p in layers.parameters()}
     modules = []  # (name, kind, in, out, weight numel): what LoRA can target and bitsandbytes quantizes
     for name, m in model.named_modules():
@@ -110,6 +115,7 @@ def model_shape(path: str, trust_remote_code: bool = False) -> dict:
     return {
         "params": sum(p.numel() for p in model.parameters()),
         "root_params": sum(p.numel() for p in model.parameters() if id(p) not in in_layers),
+        "embed_params": model.get_input_embeddings().weight.numel(),
         "layer_params": max(sum(p.numel() for p in layer.parameters()) for layer in layers),
         "modules": modules,
         "head": names.get(head),
@@ -173,19 +179,25 @@ def trainable_params(cfg: Config, shape: dict | None = None) -> int:
     return n
 
 
-def _quantized_weights(cfg: Config, shape: dict) -> int:
+def _quantized_weights(shape: dict) -> int:
     """Weights bitsandbytes stores in 4 bits: every Linear's but the output head's."""
     return sum(m[4] for m in shape["modules"] if m[1] == "linear" and m[0] != shape["head"])
 
 
-def base_weight_bytes(cfg: Config, shape: dict | None = None) -> int:
-    shape = shape or _shape(cfg)
+def _base_parts(cfg: Config, shape: dict) -> tuple[int, int]:
+    """(bytes FSDP shards, bytes it does not): the parameters; under QLoRA the packed 4-bit weights
+    and the float32 rest, and apart the absmax values, which are no parameters (quant_state)."""
     if cfg.quantization is None:
-        return shape["params"] * _BYTES[weight_dtype(cfg, shape)]
-    q = _quantized_weights(cfg, shape)
+        return shape["params"] * _BYTES[weight_dtype(cfg, shape)], 0
+    q = _quantized_weights(shape)
     per_block = 1 + 4 / NESTED_BLOCK if cfg.quantization.double_quant else 4
-    packed = math.ceil(q / 2 + q / QUANT_BLOCK * per_block)
-    return packed + (shape["params"] - q) * 4  # prepare_model_for_kbit_training: the rest in float32
+    rest = (shape["params"] - q) * 4  # prepare_model_for_kbit_training: the rest in float32
+    return math.ceil(q / 2) + rest, math.ceil(q / QUANT_BLOCK * per_block)
+
+
+def base_weight_bytes(cfg: Config, shape: dict | None = None) -> int:
+    """The whole base model's bytes on one worker (before any sharding)."""
+    return sum(_base_parts(cfg, shape or _shape(cfg)))
 
 
 def _autocast(cfg: Config, shape: dict) -> bool:
@@ -289,72 +301,96 @@ def loss_bytes(cfg: Config, shape: dict | None = None) -> int:
     return total
 
 
+def _fsdp_upcast(cfg: Config, shape: dict) -> bool:
+    """Accelerate's FSDP2 casts the trainable parameters to float32 under mixed precision (bf16 on
+    GPUs), unless the model has 4-bit weights: a full fine-tuning's whole model (LoRA's adapter is
+    float32 already)."""
+    return cfg.lora is None and cfg.quantization is None and _autocast(cfg, shape)
+
+
 def _gathered_bytes(cfg: Config, shape: dict, trained_bytes: int) -> int:
-    """What FSDP2 holds unsharded at its peak: the root unit (everything outside the decoder
-    layers: embeddings, final norm, lm_head), which stays gathered from forward to backward, plus
-    two decoder layers (the current one and the one prefetched), and the current layer's
-    gradients before their reduce-scatter."""
-    whole = base_weight_bytes(cfg, shape)
-    if cfg.quantization is not None:  # the root is float32 under QLoRA, the layers mostly 4-bit
-        root = shape["root_params"] * 4
-        layer = (whole - root) / shape["layers"]
+    """What FSDP2 holds unsharded at its peak, with Accelerate 1.15's units (fsdp2_prepare_model):
+    one per decoder layer, the input embedding alone, and a tail unit of the final norm and the
+    head (both embeddings when tied) that stays gathered from its forward to its backward. At the
+    backward's start: the tail, the current decoder layer and the one prefetched, and the current
+    layer's gradients before their reduce-scatter. Gathered weights are in bfloat16 under mixed
+    precision, else as stored."""
+    gathered = 2 if _autocast(cfg, shape) else None
+    if cfg.quantization is not None:
+        layer = math.ceil(_quantized_weights(shape) / 2) / shape["layers"]  # packed 4-bit bytes
+        per_param = gathered or 4  # the float32 rest
     else:
-        root = shape["root_params"] * whole / shape["params"]
-        layer = shape["layer_params"] * whole / shape["params"]
+        per_param = gathered or _BYTES[weight_dtype(cfg, shape)]
+        layer = shape["layer_params"] * per_param
+    tail = (shape["root_params"] - (0 if shape["tied"] else shape["embed_params"])) * per_param
+    embed = 0 if shape["tied"] else shape["embed_params"] * per_param
     if cfg.lora is None:  # the layer's weights are the trained ones
         adapter, grads = 0, shape["layer_params"] * trained_bytes / shape["params"]
     else:  # one layer's share of the adapter, and of its gradients
         adapter = grads = trained_bytes / shape["layers"]
-    return math.ceil(root + 2 * (layer + adapter) + grads)
+    return math.ceil(max(tail + 2 * (layer + adapter), embed) + grads)
 
 
 def estimate(cfg: Config, strategy: str) -> dict[str, int]:
     """Per-worker bytes of each component (COMPONENTS) for `strategy` ("ddp" or "fsdp"), and
-    "total": what one GPU holds (with use_gpu) or the worker process's RSS (CPU workers). With
-    scaling.cpu_offload under fsdp, "cpu_offload" holds the sharded parts, which the GPU total
-    leaves out."""
+    "total", their sum: what one GPU holds while training (use_gpu), or the worker process's RSS
+    (CPU workers). Beside the total, not in it:
+    - "load_peak": under fsdp, the same memory while the whole model waits to be sharded, when it
+      is loaded there whole (QLoRA loads onto the worker's device; on CPU workers every model):
+      the whole base, its shards, and on CPU workers the process baseline; else 0.
+    - "cpu_at_load": GPU workers, unquantized: the whole model in CPU memory while it loads (and
+      under fsdp until it is sharded).
+    - "cpu_offload": with scaling.cpu_offload under fsdp, the sharded parts, moved to CPU memory.
+    """
     if strategy not in ("ddp", "fsdp"):
         raise ValueError(f"strategy must be ddp or fsdp, not {strategy!r}")
     shape = _shape(cfg)
     workers = cfg.scaling.num_workers
+    sharding = strategy == "fsdp"
     trainable = trainable_params(cfg, shape)
-    own = _adapter_bytes(cfg, shape)  # bytes per trainable parameter (its dtype)
+    upcast = sharding and _fsdp_upcast(cfg, shape)
+    own = 4 if upcast else _adapter_bytes(cfg, shape)  # bytes per trainable parameter (its dtype)
+    sharded, whole_only = (shape["params"] * 4, 0) if upcast else _base_parts(cfg, shape)
     out = dict.fromkeys(k for k, _ in COMPONENTS)
-    out["base_weights"] = base_weight_bytes(cfg, shape)
+    out["base_weights"] = sharded + whole_only
     out["adapter_weights"] = 0 if cfg.lora is None else trainable * own
     out["gradients"] = trainable * own
     out["optimizer_state"] = 2 * trainable * own
     out["activations"] = activation_bytes(cfg, shape=shape)
     out["loss"] = loss_bytes(cfg, shape)
-    out["ddp_buckets"] = out["gradients"] if strategy == "ddp" and workers > 1 else 0
+    out["ddp_buckets"] = out["gradients"] if not sharding and workers > 1 else 0
     out["fsdp_gathered"] = 0
     out["worker_baseline"] = 0 if cfg.scaling.use_gpu else WORKER_BASELINE_BYTES
-    offloaded = 0
-    if strategy == "fsdp":
+    extra = {"load_peak": 0, "cpu_at_load": 0, "cpu_offload": 0}
+    if cfg.scaling.use_gpu and cfg.quantization is None:
+        extra["cpu_at_load"] = sharded
+    if sharding:
         for key in SHARDED:
             out[key] = math.ceil(out[key] / workers)
+        out["base_weights"] = math.ceil(sharded / workers) + whole_only
         out["fsdp_gathered"] = _gathered_bytes(cfg, shape, trainable * own)
-        if cfg.scaling.cpu_offload and cfg.scaling.use_gpu:
-            offloaded = sum(out[key] for key in SHARDED)
-            for key in SHARDED:
-                out[key] = 0
+        if cfg.quantization is not None or not cfg.scaling.use_gpu:
+            extra["load_peak"] = sharded + whole_only + out["base_weights"] + out["worker_baseline"]
+        if cfg.scaling.cpu_offload and cfg.scaling.use_gpu:  # QLoRA's absmax values stay
+            extra["cpu_offload"] = sum(out[key] for key in SHARDED) - whole_only
+            out.update(dict.fromkeys(SHARDED, 0), base_weights=whole_only)
     out = {k: int(v) for k, v in out.items()}
     out["total"] = sum(out.values())
-    out["cpu_offload"] = offloaded
-    return out
+    return {**out, **extra}
 
 
 def find_manifest(cfg: Config) -> tuple[dict | None, str]:
-    """The manifest of this config's preparation under storage.path when it exists, and where it
-    is (or why it could not be looked for). Reads only: nothing is prepared, no Ray is started."""
+    """The manifest of this config's preparation under storage.path and where it is; or None and
+    why there is none (not prepared yet, or the sources cannot be fingerprinted). Reads only:
+    nothing is prepared, no Ray is started."""
     from sft_ray.data.cache import cache_key
 
     try:
         where = storage.join(cfg.storage.path, "datasets", cache_key(cfg), "manifest.json")
     except DataError as err:
-        return None, str(err)
+        return None, f"cannot look for a preparation: {err}"
     if not storage.exists(where):
-        return None, where
+        return None, f"no preparation of this data at {where} yet"
     return storage.read_json(where), where
 
 
@@ -425,10 +461,15 @@ def _variant(cfg: Config, section: str, key: str, value) -> Config:
     return c
 
 
+def peak(est: dict[str, int]) -> int:
+    """The most the compared memory holds: training, or loading when that is more (load_peak)."""
+    return max(est["total"], est["load_peak"])
+
+
 def _fitting(cfg: Config, budget: int) -> list[str]:
-    """The strategies whose total fits `budget` (fsdp only with more than one worker)."""
+    """The strategies whose peak fits `budget` (fsdp only with more than one worker)."""
     strategies = ["ddp", "fsdp"] if cfg.scaling.num_workers > 1 else ["ddp"]
-    return [s for s in strategies if _fits(estimate(cfg, s)["total"], budget)]
+    return [s for s in strategies if _fits(peak(estimate(cfg, s)), budget)]
 
 
 def what_would_fit(cfg: Config, budget: int) -> list[str]:
@@ -448,7 +489,7 @@ def what_would_fit(cfg: Config, budget: int) -> list[str]:
     found = [f"{label} ({' or '.join(ok)})" for label, c in tries if (ok := _fitting(c, budget))]
     for workers in (2, 4, 8, 16, 32, 64):
         more = _variant(cfg, "scaling", "num_workers", workers)
-        if workers > cfg.scaling.num_workers and _fits(estimate(more, "fsdp")["total"], budget):
+        if workers > cfg.scaling.num_workers and _fits(peak(estimate(more, "fsdp")), budget):
             found.append(f"scaling.num_workers={workers} with fsdp")
             break
     return found
@@ -483,18 +524,34 @@ def format_plan(cfg: Config, memory_gb: float | None = None) -> str:
         return f"{label:<32}" + "".join(f"{c:>12}" for c in cells)
 
     rule = "-" * (32 + 2 * 12)
-    lines += [row("per worker", lambda s: s), rule]
+    lines += [f"{'per worker':<32}{'ddp':>12}{'fsdp':>12}", rule]
     for key, label in COMPONENTS:
         if any(e[key] for e in est.values()):
             lines.append(row(label, lambda s, key=key: _human(est[s][key])))
     lines += [rule, row(f"total per {'GPU' if gpu else 'worker (RSS)'}", lambda s: _human(est[s]["total"]))]
+    memory = "GPU" if gpu else "RSS"
+    if any(e["load_peak"] > e["total"] for e in est.values()):
+        lines.append(
+            row(f"{memory} peak while loading", lambda s: _human(est[s]["load_peak"]) if est[s]["load_peak"] else "-")
+        )
     if any(e["cpu_offload"] for e in est.values()):
-        lines.append(row("CPU memory per worker", lambda s: _human(est[s]["cpu_offload"])))
+        lines.append(row("CPU memory per worker (offload)", lambda s: _human(est[s]["cpu_offload"])))
+    if any(e["cpu_at_load"] for e in est.values()):
+        lines.append(row("CPU memory per worker at load", lambda s: _human(est[s]["cpu_at_load"])))
+    notes = []
+    if any(e["load_peak"] > e["total"] for e in est.values()):
+        notes.append(f"(fsdp loads the whole {'4-bit ' if q else ''}model on each worker before sharding it)")
+    if any(e["cpu_at_load"] for e in est.values()):
+        notes.append(
+            "(GPU workers load the model in CPU memory first"
+            + ("; fsdp keeps it there until sharded)" if workers > 1 else ")")
+        )
     budget, source = memory_budget(cfg, memory_gb)
     fits = [] if budget is None else _fitting(cfg, budget)
     if budget is not None:
         lines.append(row(f"fits in {_human(FIT_FRACTION * budget)}?", lambda s: "yes" if s in fits else "no"))
     other = activation_bytes(cfg, not cfg.train.gradient_checkpointing, shape)
+    lines += notes
     lines.append(
         f"(activations {'without' if cfg.train.gradient_checkpointing else 'with'} activation checkpointing: "
         f"{_human(other)}; all at max_length: an upper bound for padded rows)"
@@ -510,7 +567,7 @@ def format_plan(cfg: Config, memory_gb: float | None = None) -> str:
         f"{workers} worker(s) x {t.gradient_accumulation_steps} accumulation; rows shorter than max_length hold fewer)",
     ]
     if manifest is None:
-        lines.append(f"steps per epoch: known after `sft-ray prepare` (this data is not prepared yet: {where})")
+        lines.append(f"steps per epoch: known after `sft-ray prepare` ({where})")
     else:
         lines.append(
             f"steps per epoch: {d['steps_per_epoch']:,} ({d['train_rows']:,} train rows), {d['total_steps']:,} "
