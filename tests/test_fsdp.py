@@ -168,3 +168,15 @@ def test_fsdp_full_fine_tuning_writes_a_plain_model(tmp_path, tiny_model, ray_lo
     assert find_checkpoint(str(run), "final") == run / "final"
     with pytest.raises(FileNotFoundError, match="a whole model .* nothing to merge"):
         merge(str(run / "final"), str(tmp_path / "merged"))
+
+
+def test_plan_is_within_a_quarter_of_the_measured_peak(runs, tiny_model):
+    """`sft-ray plan`'s per-worker total against the peak RSS each run's rank 0 logged."""
+    from sft_ray.plan import estimate
+
+    for strategy in ("ddp", "fsdp"):
+        cfg = _cfg(runs["tmp"], tiny_model, strategy, strategy=strategy, samples=2)
+        lines = [json.loads(x) for x in (runs["storage"] / strategy / "metrics.jsonl").read_text().splitlines()]
+        measured = max(e["peak_memory_mb"] for e in lines if "peak_memory_mb" in e) * 2**20
+        planned = estimate(cfg, strategy)["total"]
+        assert abs(planned - measured) / measured < 0.25, (strategy, planned / 2**20, measured / 2**20)
