@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CPU_TORCH ?= torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: install demo test test-fast lint format clean bench-data bench-train bench-scale
+.PHONY: install demo test test-fast lint format clean bench-data bench-train bench-scale gpu-check gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -56,3 +56,13 @@ bench-train: install
 # preparation rows/s, driver and per-worker peak RSS, seconds to the first step. `ARGS=--quick`: 2k and 20k.
 bench-scale: install
 	$(PY) benchmarks/scale_bench.py $(ARGS)
+
+# The prepared check for a bare CUDA machine (README "GPU check"): installs from wheels/ offline, runs
+# the gpu tests and benchmarks/gpu_bench.py. No `install` prerequisite: it runs with the machine's own
+# Python there. `GPU_CHECK_DRY_RUN=1`: the CPU rehearsal (lists the wheels, collects the tests, toy benchmarks).
+gpu-check:
+	bash scripts/gpu_check.sh $(if $(filter 1 true yes,$(GPU_CHECK_DRY_RUN)),--dry-run)
+
+# The cp312 manylinux wheels gpu-check installs there, into wheels/{ray,hf,moto}/ (git-ignored), slimmed.
+gpu-wheels: install
+	bash scripts/carry_wheels.sh

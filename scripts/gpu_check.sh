@@ -26,9 +26,11 @@ case $DRY in 1 | true | yes) DRY=1 ;; *) DRY=0 ;; esac
 OUT_DIR=${OUT:-gpu-check-out}
 mkdir -p "$OUT_DIR"
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+# sft_ray importable from this checkout even if the editable install below cannot be made (Ray's workers inherit it).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Time limits per step (seconds): the whole check stays under 8 minutes on an H200.
-TESTS_LIMIT=${GPU_CHECK_TESTS_S:-180}
-BENCH_LIMIT=${GPU_CHECK_BENCH_S:-330}
+TESTS_LIMIT=${GPU_CHECK_TESTS_S:-170}
+BENCH_LIMIT=${GPU_CHECK_BENCH_S:-270}
 failed=()
 started=$SECONDS
 step() { echo; echo "=== [$((SECONDS - started))s] $*"; }
@@ -36,7 +38,7 @@ step() { echo; echo "=== [$((SECONDS - started))s] $*"; }
 step "0. machine -> $OUT_DIR/env.txt (python: $PY, dry run: $DRY)"
 {
   date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "nvidia-smi: not available"
+  if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; else echo "nvidia-smi: none"; fi
   "$PY" -c 'import sys; print("python", sys.version.split()[0])'
   "$PY" -m pip list 2>/dev/null | grep -iE '^(torch|transformers|accelerate|tokenizers|peft|trl|datasets|ray|bitsandbytes|pyarrow|numpy|huggingface.hub|flash.attn|kernels) '
 } 2>&1 | tee "$OUT_DIR/env.txt"
@@ -46,10 +48,16 @@ step "1. install from wheels/*/ -> $OUT_DIR/install.log"
   # What to install: every carried wheel, and every package the project and its gpu tests need.
   # A package already installed at a version that meets pyproject.toml (or at the carried version) is skipped.
   "$PY" - "$DRY" > "$OUT_DIR/install.plan" <<'EOF'
-import glob, os, re, sys, tomllib
+import glob, os, sys
 from importlib.metadata import PackageNotFoundError, version
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name, parse_wheel_filename
+try:
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+except ImportError:  # Python 3.10, or no packaging installed: pip's own copies
+    from pip._vendor import tomli as tomllib
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.utils import canonicalize_name, parse_wheel_filename
 
 dry = sys.argv[1] == "1"
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
@@ -94,7 +102,7 @@ EOF
   fi
   if [ "$DRY" = 1 ]; then
     echo "dry run: nothing installed"
-    "$PY" -c 'import sft_ray' 2>/dev/null && echo "sft_ray: importable" || echo "sft_ray: would run pip install --no-deps -e ."
+    "$PY" -I -c 'import sft_ray' 2>/dev/null && echo "sft_ray: installed" || echo "sft_ray: would run pip install --no-deps -e ."
     exit 0
   fi
   rc=0
@@ -102,7 +110,8 @@ EOF
     # shellcheck disable=SC2086
     "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check $todo || rc=1
   fi
-  if ! "$PY" -c 'import sft_ray, os, sys; sys.exit(os.path.dirname(sft_ray.__path__[0]) != os.getcwd())' 2>/dev/null; then
+  # -I: neither the working directory nor PYTHONPATH counts, only an installed sft_ray (of this checkout).
+  if ! "$PY" -I -c 'import sft_ray, os, sys; sys.exit(os.path.dirname(sft_ray.__path__[0]) != os.getcwd())' 2>/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --disable-pip-version-check -e . || rc=1
   fi
   echo "pip check (conflicts with the image's own packages are listed, not fixed):"
