@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sft_ray import storage
 from sft_ray.config import ConfigError, load_config
 from sft_ray.data.pipeline import DataError
 from sft_ray.lease import RunBusy
@@ -95,7 +96,9 @@ def _print_summary(s: dict) -> None:
         )
     if s.get("exact_share_after") is not None:
         print(f"exact answers   before {s['exact_share_before']:.0%}  after {s['exact_share_after']:.0%}")
-    print(f"adapter     {s.get('final_dir')}")
+    final = s.get("final_dir")
+    whole = final and not storage.exists(storage.join(final, "adapter_config.json"))  # lora: null
+    print(f"{'model' if whole else 'adapter':<12}{final}")
     for i, sample in enumerate(_varied(samples, SHOWN_SAMPLES), 1):
         print(f"\n--- held-out prompt {i} ---\n{sample['prompt']}")
         print(f"[reference] {sample['reference']!r}")
