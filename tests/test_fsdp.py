@@ -180,3 +180,23 @@ def test_plan_is_within_a_quarter_of_the_measured_peak(runs, tiny_model):
         measured = max(e["peak_memory_mb"] for e in lines if "peak_memory_mb" in e) * 2**20
         planned = estimate(cfg, strategy)["total"]
         assert abs(planned - measured) / measured < 0.25, (strategy, planned / 2**20, measured / 2**20)
+
+
+def test_a_sharded_checkpoint_missing_a_workers_part_is_damaged(tmp_path):
+    """Resume checks every rank's part of the sharded weights and optimizer state (checkpoints.verify)."""
+    import torch
+
+    from sft_ray.train.checkpoints import Damaged, verify
+
+    ckpt = tmp_path / "checkpoint-0000004"
+    for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
+        (ckpt / folder).mkdir(parents=True)
+        for name in (".metadata", "__0_0.distcp", "__1_0.distcp"):
+            (ckpt / folder / name).write_bytes(b"part")
+    (ckpt / "trainer_state.json").write_text('{"global_step": 4}')
+    for name in ("scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"):
+        torch.save({}, ckpt / name)
+    assert verify(str(ckpt), world=2) == 4  # no optimizer.pt, no safetensors: the sharded folders hold them
+    (ckpt / "optimizer_0" / "__1_0.distcp").unlink()
+    with pytest.raises(Damaged, match=r"optimizer_0/__1_0.distcp: missing"):
+        verify(str(ckpt), world=2)

@@ -74,17 +74,8 @@ def _check_file(fs, path: str, uri: str, size: int) -> None:
                 raise Damaged(f"{uri}: not valid JSON") from None
 
 
-def verify(uri: str, world: int | None = None) -> int:
-    """The step of the whole checkpoint at `uri`; raises Damaged naming what is missing or broken.
-
-    `world`: the RNG states every rank must have left (a folder nobody registered may hold rank 0's
-    files only). Without it, the RNG states present must be ranks 0..k-1 with none missing between.
-    """
-    fs, path = storage.filesystem(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    files = {i.path[len(path.rstrip("/")) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
-    if not files:
-        raise Damaged(f"{uri}: no files")
+def _needed(files: dict, world: int | None) -> list[str]:
+    """The files a whole checkpoint holds, given the names present (see verify)."""
     rng = sorted(int(m.group(1)) for n in files if (m := re.fullmatch(r"rng_state_(\d+)\.pth", n)))
     ranks = range(world) if world and world > 1 else range(max(rng, default=-1) + 1)
     needed = ["trainer_state.json", "scheduler.pt"]
@@ -98,7 +89,21 @@ def verify(uri: str, world: int | None = None) -> int:
             needed.append("adapter_model.safetensors")
     if "rng_state.pth" not in files:
         needed += [f"rng_state_{r}.pth" for r in ranks] or ["rng_state.pth"]
-    for name in needed:
+    return needed
+
+
+def verify(uri: str, world: int | None = None) -> int:
+    """The step of the whole checkpoint at `uri`; raises Damaged naming what is missing or broken.
+
+    `world`: the RNG states every rank must have left (a folder nobody registered may hold rank 0's
+    files only). Without it, the RNG states present must be ranks 0..k-1 with none missing between.
+    """
+    fs, path = storage.filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    files = {i.path[len(path.rstrip("/")) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
+    if not files:
+        raise Damaged(f"{uri}: no files")
+    for name in _needed(files, world):
         if name not in files:
             raise Damaged(f"{storage.join(uri, name)}: missing")
     for name, size in sorted(files.items()):
