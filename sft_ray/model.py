@@ -84,8 +84,9 @@ def load_model(cfg: Config, device, tokenizer=None):
     """The base model on `device`, 4-bit when `quantization` is set; with `tokenizer`, its
     embeddings fit that tokenizer (fit_embeddings), before the 4-bit preparation freezes them.
 
-    Under fsdp an unquantized model stays in CPU memory: sharding moves each worker's part to its
-    device, so no GPU ever holds the whole model. 4-bit weights are stored in the compute dtype
+    Under fsdp an unquantized model stays in CPU memory (on one worker per node; the others hold
+    it on the meta device): sharding moves each worker's part to its device, so no GPU ever holds
+    the whole model. 4-bit weights are stored in the compute dtype
     (`bnb_4bit_quant_storage`), which FSDP can shard; uint8 storage it cannot."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -107,7 +108,8 @@ def load_model(cfg: Config, device, tokenizer=None):
     if tokenizer is not None:
         fit_embeddings(model, tokenizer)
     if q is None:
-        model.to("cpu" if sharded else device)
+        if not sharded:  # fsdp: sharding moves each worker's part to its device (from meta, see train/fsdp.py)
+            model.to(device)
         if device.type == "cpu" and model.dtype == torch.float16:
             model.to(torch.float32)  # fp16 matmuls are not supported on every CPU
         return model

@@ -25,7 +25,9 @@ its sources (sft_ray/model.py, TRL 1.16's SFTTrainer, PEFT 0.21, torch 2.13's Ad
   parameters and stay whole); plus the gathered units (`_gathered_bytes`). Under bf16 mixed
   precision Accelerate casts the trained parameters to float32 first (full fine-tuning: the whole
   model). With `scaling.cpu_offload` the sharded parts are in CPU memory. The model is loaded
-  whole before it is sharded: on the device for QLoRA, in CPU memory otherwise (load_peak).
+  whole before it is sharded: 4-bit on every worker's device for QLoRA; otherwise in CPU memory by
+  one worker per node (local rank 0, the worker this plan describes), the others building it on
+  the meta device (load_peak).
 - CPU workers: the number compared is the process's RSS, which includes what the worker process
   holds before any model (WORKER_BASELINE_BYTES).
 
@@ -540,11 +542,15 @@ def format_plan(cfg: Config, memory_gb: float | None = None) -> str:
         lines.append(row("CPU memory per worker at load", lambda s: _human(est[s]["cpu_at_load"])))
     notes = []
     if any(e["load_peak"] > e["total"] for e in est.values()):
-        notes.append(f"(fsdp loads the whole {'4-bit ' if q else ''}model on each worker before sharding it)")
+        notes.append(
+            "(fsdp loads the whole 4-bit model on each worker before sharding it)"
+            if q
+            else "(fsdp: one worker per node reads the whole model before sharding it; the others build it empty)"
+        )
     if any(e["cpu_at_load"] for e in est.values()):
         notes.append(
             "(GPU workers load the model in CPU memory first"
-            + ("; fsdp keeps it there until sharded)" if workers > 1 else ")")
+            + ("; under fsdp one worker per node does, until sharded)" if workers > 1 else ")")
         )
     budget, source = memory_budget(cfg, memory_gb)
     fits = [] if budget is None else _fitting(cfg, budget)

@@ -81,7 +81,7 @@ class TokenCounter:
         return step
 
 
-def _peak_memory_mb(device) -> float:
+def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         import torch
 
@@ -201,7 +201,7 @@ class RunCallback(TrainerCallback):
         return {
             "trained_tokens_per_s": trained / elapsed,
             "real_tokens_fraction": real / computed if computed else 0.0,
-            "peak_memory_mb": _peak_memory_mb(self.device),
+            "peak_memory_mb": peak_memory_mb(self.device),
         }
 
     def _metrics(self, state) -> dict:

@@ -33,7 +33,30 @@ def fsdp_config(cfg: Config) -> dict:
         "state_dict_type": "SHARDED_STATE_DICT",
         "activation_checkpointing": cfg.train.gradient_checkpointing,
         "cpu_offload": cfg.scaling.cpu_offload,
+        "cpu_ram_efficient_loading": loads_once(cfg),
     }
+
+
+def loads_once(cfg: Config) -> bool:
+    """Whether the base is read from disk by one worker per node only (unquantized models under fsdp).
+
+    The others build it on the meta device and get their shards from rank 0 while it is sharded,
+    so a node holds one copy in CPU memory at start-up, not one per worker (8 x 140 GB for a 70B
+    model on an 8-GPU node). 4-bit weights are quantized as they load, on every worker."""
+    return enabled(cfg) and cfg.quantization is None
+
+
+def announce_loading(cfg: Config) -> None:
+    """Tell transformers' `from_pretrained`, before the model is loaded, that only local rank 0
+    reads weights (the variables the HF Trainer would set only later, with its arguments)."""
+    if loads_once(cfg):
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
+
+
+def holds_weights(cfg: Config) -> bool:
+    """Whether this worker's model has real weights before sharding (see loads_once)."""
+    return not loads_once(cfg) or os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def trainer_class(cfg: Config, device):
