@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sft_ray import storage
 from sft_ray.config import ConfigError, load_config
+from sft_ray.console import quiet_driver
 from sft_ray.data.pipeline import DataError
 from sft_ray.lease import RunBusy
 from sft_ray.storage import StorageError
@@ -16,6 +18,7 @@ from sft_ray.train.interrupt import Interrupted
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--verbose", action="store_true", help="show every library's log lines too (or SFT_RAY_VERBOSE=1)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
@@ -96,6 +99,11 @@ def _print_summary(s: dict) -> None:
         )
     if s.get("exact_share_after") is not None:
         print(f"exact answers   before {s['exact_share_before']:.0%}  after {s['exact_share_after']:.0%}")
+    if s.get("diagnosis"):
+        from sft_ray.diagnose import format_findings
+
+        print("diagnosis")
+        print("\n".join(f"  {line}" for line in format_findings(s["diagnosis"])))
     final = s.get("final_dir")
     whole = final and not storage.exists(storage.join(final, "adapter_config.json"))  # lora: null
     print(f"{'model' if whole else 'adapter':<12}{final}")
@@ -108,6 +116,10 @@ def _print_summary(s: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ["SFT_RAY_VERBOSE"] = "1"
+    if args.command in ("prepare", "train", "tune"):
+        quiet_driver()
     try:
         if args.command == "tiny-model":
             from sft_ray.tiny_model import build_tiny_model

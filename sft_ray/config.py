@@ -126,7 +126,7 @@ class TrainConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
     max_failures: int = Field(0, ge=0)  # worker-group restarts from the last checkpoint
-    report_to: list[Literal["tensorboard", "mlflow"]] = []
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []  # rank 0 logs; see train/tracking.py
     per_device_batch_size: int = Field(8, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     logging_steps: int = Field(10, gt=0)

@@ -1,7 +1,9 @@
 """Pick a checkpoint of a run (final, best, latest) and merge its adapter into a plain model.
 
 A merged model loads with `AutoModelForCausalLM.from_pretrained(out_dir)` alone, with no PEFT, so
-it can be served by anything that serves a Hugging Face model.
+it can be served by anything that serves a Hugging Face model. Runs in object storage
+(`s3://bucket/runs/demo`) are read through the same storage layer as training; merging one first
+downloads the adapter (not the optimizer state) to a temporary folder.
 """
 
 from __future__ import annotations
@@ -10,14 +12,58 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
+from sft_ray import storage
+
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # full match: `checkpoint-0000050.tmp-…` is not one
 _DTYPES = ("float32", "bfloat16", "float16")
+# Checkpoint files only a resumed run needs: not downloaded to merge.
+_RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "rng_state", "optimizer", storage.COMPLETE)
 
 
-def _registered(run: Path) -> set[str] | None:
+class _Folder:
+    """A folder on a local disk or in object storage, as `Path` is used here: `/`, is_file, is_dir."""
+
+    def __init__(self, uri: str):
+        self.uri = os.path.abspath(uri) if "://" not in uri else uri.rstrip("/")
+        self.name = self.uri.rsplit("/", 1)[-1]
+
+    def __truediv__(self, name: str) -> _Folder:
+        return _Folder(storage.join(self.uri, name))
+
+    def _type(self) -> pafs.FileType:
+        fs, path = storage.filesystem(self.uri)
+        return fs.get_file_info(path).type
+
+    def is_file(self) -> bool:
+        return self._type() == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        return self._type() == pafs.FileType.Directory
+
+    def iterdir(self) -> list[_Folder]:
+        fs, path = storage.filesystem(self.uri)
+        return [self / i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
+
+    def read_text(self) -> str:
+        fs, path = storage.filesystem(self.uri)
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+
+    def result(self) -> Path | str:
+        """A Path for a local folder (what callers compare with), the URI for object storage."""
+        return Path(self.uri) if storage.is_local(self.uri) else self.uri
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def _registered(run: _Folder) -> set[str] | None:
     """Checkpoint folders Ray Train registered (uploaded whole), from its snapshot; None without one."""
     snapshot = run / "checkpoint_manager_snapshot.json"
     if not snapshot.is_file():
@@ -28,7 +74,7 @@ def _registered(run: Path) -> set[str] | None:
         raise ValueError(f"{snapshot}: not a Ray Train checkpoint snapshot ({err!r})") from None
 
 
-def _complete_checkpoints(run: Path) -> list[tuple[int, Path]]:
+def _complete_checkpoints(run: _Folder) -> list[tuple[int, _Folder]]:
     """(step, folder) of checkpoints whose upload finished, oldest first.
 
     Ray Train's snapshot names the checkpoints it registered; a folder it does not name is an upload
@@ -43,10 +89,10 @@ def _complete_checkpoints(run: Path) -> list[tuple[int, Path]]:
             continue
         if match and (child / "adapter_model.safetensors").is_file() and (child / "trainer_state.json").is_file():
             found.append((int(match.group(1)), child))
-    return sorted(found)
+    return sorted(found, key=lambda x: x[0])
 
 
-def _eval_loss_at(checkpoint: Path, step: int) -> float | None:
+def _eval_loss_at(checkpoint: _Folder, step: int) -> float | None:
     """The eval loss this checkpoint was saved with: the last one logged at or before its step."""
     path = checkpoint / "trainer_state.json"
     try:
@@ -60,9 +106,11 @@ def _eval_loss_at(checkpoint: Path, step: int) -> float | None:
     return loss
 
 
-def find_checkpoint(run_dir: str, which: str) -> Path:
-    """The adapter folder to export: `final/`, the lowest-eval-loss checkpoint, or the newest one."""
-    run = Path(run_dir)
+def find_checkpoint(run_dir: str, which: str) -> Path | str:
+    """The adapter folder to export: `final/`, the lowest-eval-loss checkpoint, or the newest one.
+
+    A Path for a local run, the URI for a run in object storage."""
+    run = _Folder(str(run_dir))
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run folder")
     if which == "final":
@@ -72,7 +120,7 @@ def find_checkpoint(run_dir: str, which: str) -> Path:
             raise FileNotFoundError(
                 f"{final}: no final adapter (the run has not finished); use --checkpoint latest or best"
             )
-        return final
+        return final.result()
     if which not in ("best", "latest"):
         raise ValueError(f"checkpoint must be one of final, best, latest; got {which!r}")
     checkpoints = _complete_checkpoints(run)
@@ -81,7 +129,7 @@ def find_checkpoint(run_dir: str, which: str) -> Path:
             f"{run}: no complete checkpoint-NNNNNNN folder (one with adapter_model.safetensors and trainer_state.json)"
         )
     if which == "latest":
-        return checkpoints[-1][1]
+        return checkpoints[-1][1].result()
     scored = [(loss, step, path) for step, path in checkpoints if (loss := _eval_loss_at(path, step)) is not None]
     if not scored:
         names = ", ".join(p.name for _, p in checkpoints)
@@ -89,20 +137,45 @@ def find_checkpoint(run_dir: str, which: str) -> Path:
             f"{run}: no checkpoint has an eval loss in its trainer_state.json ({names}); "
             "the run had no eval data or no eval before a save; use --checkpoint latest"
         )
-    return min(scored)[2]
+    return min(scored, key=lambda x: x[:2])[2].result()
 
 
 def _has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer_config.json").is_file()
 
 
+def download(uri: str, dest: str) -> str:
+    """Copy the files of a folder in object storage that a merge needs (no optimizer or RNG state) to `dest`."""
+    fs, path = storage.filesystem(uri)
+    files = [
+        i
+        for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        if i.type == pafs.FileType.File and not i.base_name.startswith(_RESUME_ONLY)
+    ]
+    if not files:
+        raise FileNotFoundError(f"{uri}: no such folder, or it is empty")
+    for info in files:
+        target = os.path.join(dest, info.path[len(path.rstrip("/")) + 1 :])
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        pafs.copy_files(info.path, target, source_filesystem=fs)
+    return dest
+
+
 def merge(adapter_dir: str, out_dir: str, base_path: str | None = None, dtype: str = "float32") -> Path:
     """Fold the LoRA weights (and trained token rows) into the base and save a plain model +
-    tokenizer at `out_dir`.
+    tokenizer at `out_dir` (a local folder).
 
     The base is always loaded unquantized: a QLoRA adapter was trained against the 4-bit base,
     but merging into 4-bit weights would round the update away (and PEFT cannot save it).
+    An adapter in object storage is downloaded to a temporary folder first.
     """
+    if not storage.is_local(str(adapter_dir)):
+        with tempfile.TemporaryDirectory(prefix="sft-ray-adapter-") as tmp:
+            return _merge(download(str(adapter_dir), tmp), out_dir, base_path, dtype)
+    return _merge(adapter_dir, out_dir, base_path, dtype)
+
+
+def _merge(adapter_dir: str, out_dir: str, base_path: str | None, dtype: str) -> Path:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

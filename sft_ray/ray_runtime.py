@@ -27,6 +27,8 @@ def ensure_ray() -> bool:
     port = _free_port() if local else None
     local_only = {"address": "local", "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port}
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}
+    if os.environ.get("SFT_RAY_VERBOSE"):  # sweep trials decide their own logging from it (console.py)
+        env["SFT_RAY_VERBOSE"] = os.environ["SFT_RAY_VERBOSE"]
     if local:
         env["RAY_API_SERVER_ADDRESS"] = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     # Ctrl-C in a terminal signals the whole foreground process group, and the embedded instance's

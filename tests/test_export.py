@@ -154,3 +154,52 @@ def test_qlora_adapter_merges_into_the_full_precision_base(tmp_path, tiny_model,
     )
     assert _close(_logits(merged, tokenizer), _logits(with_adapter, tokenizer))
     assert not _close(_logits(merged, tokenizer), _logits(AutoModelForCausalLM.from_pretrained(tiny_model), tokenizer))
+
+
+def test_report_and_export_of_a_run_in_s3(run, tmp_path, tiny_model, tokenizer, s3_bucket, capsys):
+    """A run folder in the local S3 server (moto): report, find a checkpoint and merge, by its URI."""
+    import shutil
+
+    import boto3
+    from peft import PeftModel
+    from test_report import build_run
+    from transformers import AutoModelForCausalLM
+
+    from sft_ray import storage
+    from sft_ray.cli import main
+    from sft_ray.report import write_report
+
+    local = tmp_path / "demo"
+    shutil.copytree(run, local)
+    build_run(local)  # metrics.jsonl, final/ metrics, samples, manifest, config
+    _lora_model(tiny_model, 5).save_pretrained(local / "final")  # and a real adapter
+    uri = f"s3://{s3_bucket}/runs/demo"
+    storage.upload_dir(str(local), uri)
+
+    # The report is read from and written into the bucket, next to the run.
+    out = write_report(uri)
+    assert out == f"{uri}/report"
+    s3 = boto3.client("s3")
+    page = s3.get_object(Bucket=s3_bucket, Key="runs/demo/report/index.html")["Body"].read().decode()
+    assert "eval loss" in page and "14.9k tokens/s" in page and "No warning sign" in page
+    for png in ("loss.png", "learning_rate.png"):
+        assert s3.get_object(Bucket=s3_bucket, Key=f"runs/demo/report/{png}")["Body"].read()[:4] == b"\x89PNG"
+    assert main(["report", uri]) == 0
+    assert f"report written to {uri}/report/index.html" in capsys.readouterr().out
+
+    # Checkpoints are picked in the bucket as on disk: the half-uploaded and temp ones skipped.
+    assert find_checkpoint(uri, "final") == f"{uri}/final"
+    assert find_checkpoint(uri, "best") == f"{uri}/checkpoint-0000010"
+    assert find_checkpoint(uri, "latest") == f"{uri}/checkpoint-0000020"
+    with pytest.raises(FileNotFoundError, match="no such run folder"):
+        find_checkpoint(f"s3://{s3_bucket}/runs/nope", "final")
+
+    # --merge downloads the adapter first; the merged model equals the local merge of the same folder.
+    for which, folder in (("best", "checkpoint-0000010"), ("latest", "checkpoint-0000020"), ("final", "final")):
+        merged_dir = tmp_path / f"merged-{which}"
+        assert main(["export", uri, "--checkpoint", which, "--merge", str(merged_dir)]) == 0
+        assert f"adapter: {uri}/{folder}" in capsys.readouterr().out
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+        with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(local / folder))
+        assert _close(_logits(merged, tokenizer), _logits(with_adapter, tokenizer)), which
+    assert not (merged_dir / "optimizer.pt").exists()

@@ -11,9 +11,12 @@ import os
 
 from sft_ray import storage
 from sft_ray.config import Config, ConfigError
+from sft_ray.console import ray_train_log_level, verbose
 from sft_ray.data.pipeline import check_sources, prepare
 from sft_ray.lease import Lease
+from sft_ray.progress import follow
 from sft_ray.ray_runtime import ensure_ray
+from sft_ray.train import tracking
 from sft_ray.train.checkpoints import resume_point
 from sft_ray.train.compat import no_ray_sigint_handler, worker_group_startup_timeout
 from sft_ray.train.final import run_dir, stored_config, stored_summary
@@ -87,6 +90,7 @@ def fit(
     worker_cpus: float = 1,
     callbacks: list | None = None,
     async_upload: bool = True,
+    progress: bool = False,
 ):
     """One Ray Train run on already prepared data; returns the Ray Train Result.
 
@@ -102,8 +106,9 @@ def fit(
 
     check_batch(cfg, manifest)
     point = resume_point(run_dir(cfg), cfg.scaling.num_workers)
+    steps = total_steps(cfg, manifest)
     if point is not None:
-        print(f"resuming {cfg.name} from {point[0]} (step {point[1]} of {total_steps(cfg, manifest)})", flush=True)
+        print(f"resuming {cfg.name} from {point[0]} (step {point[1]} of {steps})", flush=True)
     has_eval = manifest["splits"]["eval"]["rows_written"] > 0
     trainer = TorchTrainer(
         train_loop,
@@ -114,6 +119,8 @@ def fit(
             "manifest": manifest,
             "fail": _fault_injection(),
             "async_upload": async_upload,
+            "verbose": verbose(),
+            "tracker_env": tracking.driver_env(cfg),  # W&B / MLflow settings for the workers
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -133,11 +140,15 @@ def fit(
                 max_failures=cfg.train.max_failures, controller_failure_limit=_placement_retries()
             ),
             callbacks=callbacks,
+            # Ray Train's INFO lines (resources requested, each report) go to its log files only.
+            logging_config=ray.train.LoggingConfig(log_level=ray_train_log_level()),
         ),
     )
     no_ray_sigint_handler(trainer)
     try:
-        return trainer.fit()
+        # A sweep's trials run side by side: their lines would interleave, so only `train` follows.
+        with follow(run_dir(cfg), steps, point[1] if point else 0) if progress else contextlib.nullcontext():
+            return trainer.fit()
     except ray.train.ControllerError as err:
         if isinstance(err.controller_failure, worker_group_startup_timeout()):
             raise Unplaceable(_unplaceable(cfg, worker_cpus)) from err
@@ -189,7 +200,7 @@ def train(cfg: Config) -> dict:
         with _out_of_space_named(cfg):
             prepared, manifest = prepare(cfg)
             with stop_on_signals(run_dir(cfg), cfg.name) as got:
-                result = fit(cfg, prepared, manifest)
+                result = fit(cfg, prepared, manifest, progress=True)
         summary = result.return_value
         if summary.get("interrupted"):
             where = os.path.basename(result.checkpoint.path.rstrip("/")) if result.checkpoint else "its start"

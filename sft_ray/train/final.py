@@ -8,6 +8,7 @@ import yaml
 
 from sft_ray import storage
 from sft_ray.config import Config
+from sft_ray.diagnose import diagnose
 
 
 def run_dir(cfg: Config) -> str:
@@ -57,6 +58,7 @@ def summarize(trainer, before: dict, after: dict, train_metrics: dict, rates: li
         "tokens_per_second": (tokens - earlier) / runtime if runtime and trained_now else None,
         "trained_tokens_per_second": sum(rates) / len(rates) if rates else None,
         "history": history,
+        "diagnosis": diagnose(history),  # overfitting, no learning, memorization (sft_ray/diagnose.py)
     }
 
 

@@ -16,6 +16,7 @@ import tempfile
 from sft_ray import storage
 from sft_ray.config import Config
 from sft_ray.data.tokenize import IGNORE
+from sft_ray.train import tracking
 
 
 def sample_prompts(eval_ds, n: int) -> list[dict]:
@@ -99,6 +100,7 @@ def _sft_config(cfg: Config, output_dir: str, device, has_eval: bool, resumed: b
         activation_checkpointing=t.gradient_checkpointing and not sharding,
         activation_checkpointing_kwargs={"use_reentrant": False},
         report_to=list(t.report_to) or "none",
+        run_name=cfg.name,  # the W&B / MLflow run (train/tracking.py opens them under this name first)
         disable_tqdm=True,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
@@ -210,6 +212,9 @@ def train_loop(loop_config: dict) -> dict:
     """The recipe every worker runs: build the trainer, train (or resume), finish (rank 0 writes final/)."""
     import ray.train
 
+    from sft_ray.console import quiet_worker
+
+    quiet_worker(loop_config.get("verbose", False))
     cfg = Config.model_validate(loop_config["config"])
     ctx = ray.train.get_context()
     run_dir = storage.join(cfg.storage.path, cfg.name)
@@ -228,15 +233,19 @@ def train_loop(loop_config: dict) -> dict:
     if built.callback.interrupted:  # saved at this step and handed to Ray Train; final/ waits for the rerun
         built.callback.upload_logs()
         ray.train.report({"interrupted": 1, "step": built.trainer.state.global_step})
+        tracking.close(cfg, me.rank)  # the MLflow run ends as KILLED
         _clean_scratch(me.output_dir)
         return {"interrupted": True, "global_step": built.trainer.state.global_step}
     summary = finish(me, built, loop_config["manifest"], before, result, start_step)
+    tracking.close(cfg, me.rank, summary.get("final_dir"))  # final/ to MLflow; the runs end
     _clean_scratch(me.output_dir)
     return summary
 
 
 def build_trainer(me: Worker, loop_config: dict, resumed: bool) -> Built:
     """Tokenizer, model, this worker's rows and TRL's SFTTrainer with the run's callbacks."""
+    from transformers import PrinterCallback
+
     from sft_ray.chat_format import template_text
     from sft_ray.model import (
         check_packing_isolates,
@@ -254,13 +263,15 @@ def build_trainer(me: Worker, loop_config: dict, resumed: bool) -> Built:
     from sft_ray.train.shards import even_out, keep_own_share, load_share, rows_per_worker
 
     cfg = me.cfg
+    tracking.start(cfg, loop_config, me.rank)  # rank 0 opens the W&B / MLflow runs
     tb_dir = os.path.join(me.output_dir, "tensorboard") if "tensorboard" in cfg.train.report_to else None
     if tb_dir:
         os.environ["TENSORBOARD_LOGGING_DIR"] = tb_dir
     template = template_text(cfg.data.chat_template)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, template)
+    fsdp.announce_loading(cfg)
     model = load_model(cfg, me.device, tokenizer)
-    if cfg.data.packing:
+    if cfg.data.packing and fsdp.holds_weights(cfg):
         check_packing_isolates(model, cfg.model.path)
     prepared, manifest = loop_config["prepared"], loop_config["manifest"]
     scratch = os.path.join(me.output_dir, "data")
@@ -303,6 +314,8 @@ def build_trainer(me: Worker, loop_config: dict, resumed: bool) -> Built:
     count_packed_rows_in_num_tokens(trainer)
     # First in line, so the throughput it adds to each log reaches TensorBoard and MLflow too.
     trainer.callback_handler.callbacks.insert(0, callback)
+    if not loop_config.get("verbose", False):  # the driver prints progress (sft_ray/progress.py)
+        trainer.remove_callback(PrinterCallback)
     prompts = sample_prompts(eval_ds, cfg.train.samples) if eval_ds is not None else []
     return Built(trainer, tokenizer, callback, prompts, stop_ids(cfg, tokenizer), share)
 
@@ -332,7 +345,11 @@ def finish(me: Worker, built: Built, manifest: dict, before: dict, result, start
         after = {"eval_loss": kept["eval_loss_after"]} if kept.get("eval_loss_after") is not None else {}
     else:
         after = {"eval_loss": trainer.evaluate()["eval_loss"]} if trainer.eval_dataset is not None else {}
-    shares = _gathered({**built.share, "sharded": fsdp.sharded(trainer.model)})
+    from sft_ray.train.callbacks import peak_memory_mb
+
+    shares = _gathered(
+        {**built.share, "sharded": fsdp.sharded(trainer.model), "peak_memory_mb": peak_memory_mb(me.device)}
+    )
     summary = kept if kept is not None and me.rank == 0 else {}
     if kept is None:
         # A sharded model generates and gathers its weights on every worker; a whole one on rank 0 alone.

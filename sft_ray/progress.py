@@ -1,0 +1,130 @@
+"""Training progress on the driver: one line per logged step, read from the run's metrics.jsonl.
+
+Rank 0 rewrites `<run>/metrics.jsonl` at every log (train/callbacks.py), in shared storage, so the
+driver can follow a run wherever its workers are: locally, on a cluster (`ray job logs` shows the
+driver's lines) or in object storage. In a terminal the line is redrawn in place; elsewhere
+(files, job logs) each is printed on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import threading
+import time
+
+from sft_ray import storage
+
+POLL_S = 2.0
+CLOCK_SKEW_S = 5.0  # rank 0's clock (it stamps the records) may be a little behind the driver's
+
+
+def _short(x: float) -> str:
+    """1234 -> 1.2k, 2100000 -> 2.1M."""
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if abs(x) >= size:
+            return f"{x / size:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def line(record: dict, total: int, eval_loss: float | None, eta_s: float | None) -> str:
+    """`step 50/150 (33%) · loss 4.27 · eval 4.27 · lr 2.0e-03 · 2.1k tok/s · ETA 0:42`."""
+    step = record["step"]
+    parts = [f"step {step}/{total} ({step / total:.0%})" if total else f"step {step}"]
+    parts.append(f"loss {record['loss']:.4g}")
+    if eval_loss is not None:
+        parts.append(f"eval {eval_loss:.4g}")
+    if "learning_rate" in record:
+        parts.append(f"lr {record['learning_rate']:.1e}")
+    if record.get("trained_tokens_per_s"):
+        parts.append(f"{_short(record['trained_tokens_per_s'])} tok/s")
+    if eta_s is not None:
+        parts.append(f"ETA {_clock(eta_s)}")
+    return " · ".join(parts)
+
+
+class Follower:
+    """Turns the records of metrics.jsonl into progress lines, each step once.
+
+    ETA: the seconds per step of this attempt (between its first and latest logged steps) times
+    the steps left, so the start-up and a resumed run's earlier attempts do not count. Records
+    older than `since` are an earlier driver's (the file keeps them until this run's first log
+    rewrites it) and are skipped."""
+
+    def __init__(self, total: int, start_step: int, since: float = 0.0):
+        self.total, self.last, self.since = total, start_step, since
+        self.eval_loss: float | None = None
+        self.first: tuple[int, float] | None = None  # (step, time) of this attempt's first log
+
+    def new_lines(self, records: list[dict]) -> list[str]:
+        out = []
+        for record in records:
+            step = record.get("step", 0)
+            if "eval_loss" in record:
+                self.eval_loss = record["eval_loss"]
+            if "loss" not in record or step <= self.last or record.get("time", 0.0) < self.since:
+                continue
+            self.last = step
+            eta = None
+            if self.first is None:
+                self.first = (step, record.get("time", 0.0))
+            elif step > self.first[0] and self.total:
+                per_step = (record.get("time", 0.0) - self.first[1]) / (step - self.first[0])
+                eta = per_step * (self.total - step)
+            out.append(line(record, self.total, self.eval_loss, eta))
+        return out
+
+
+def _records(uri: str) -> list[dict]:
+    if not storage.exists(uri):
+        return []
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        text = f.read().decode()
+    records = []
+    for raw in text.splitlines():
+        with contextlib.suppress(ValueError):  # a line being rewritten: read again next time
+            records.append(json.loads(raw))
+    return records
+
+
+@contextlib.contextmanager
+def follow(run_dir: str, total: int, start_step: int, out=None):
+    """Print progress lines while the body runs (a training run), and the last ones after it."""
+    out = out or sys.stdout
+    follower = Follower(total, start_step, since=time.time() - CLOCK_SKEW_S)
+    uri = storage.join(run_dir, "metrics.jsonl")
+    live = out.isatty()
+    stop = threading.Event()
+
+    def show() -> None:
+        try:
+            lines = follower.new_lines(_records(uri))
+        except OSError:  # storage briefly unreachable: the next poll tries again
+            return
+        for text in lines:
+            out.write(f"\r\x1b[2K{text}" if live else f"{text}\n")
+        out.flush()
+
+    def loop() -> None:
+        while not stop.wait(POLL_S):
+            show()
+
+    thread = threading.Thread(target=loop, name="sft-ray-progress", daemon=True)
+    thread.start()
+    try:
+        yield follower
+    finally:
+        stop.set()
+        thread.join()
+        show()
+        if live and follower.first is not None:
+            out.write("\n")
+            out.flush()
