@@ -235,7 +235,7 @@ def train_steps(cfg, rows: dict, t: float, device, warmup: int, attn: str | None
     from trl import SFTTrainer
 
     from sft_ray.model import load_model, load_tokenizer, lora_config
-    from sft_ray.train.callbacks import TokenCounter, _peak_memory_mb
+    from sft_ray.train.callbacks import TokenCounter, peak_memory_mb
     from sft_ray.train.collate import make_collator
     from sft_ray.train.worker import _sft_config
 
@@ -248,7 +248,7 @@ def train_steps(cfg, rows: dict, t: float, device, warmup: int, attn: str | None
         model.set_attn_implementation(attn)
     loaded = {
         "model_memory_mb": torch.cuda.memory_allocated(device) / 2**20 if cuda else None,
-        "load_peak_memory_mb": _peak_memory_mb(device),
+        "load_peak_memory_mb": peak_memory_mb(device),
     }
     trainer = SFTTrainer(
         model=model,
@@ -284,7 +284,7 @@ def train_steps(cfg, rows: dict, t: float, device, warmup: int, attn: str | None
         "warmup_steps": warmup,
         "trained_tokens_timed": tok1 - tok0,
         "train_loss": result.training_loss,
-        "peak_memory_mb": _peak_memory_mb(device),
+        "peak_memory_mb": peak_memory_mb(device),
         "memory_kind": "torch.cuda.max_memory_allocated, training steps" if cuda else "peak RSS of this process",
         **loaded,
     }
