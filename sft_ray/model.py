@@ -91,7 +91,9 @@ def load_model(cfg: Config, device, tokenizer=None):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    sharded = cfg.scaling.strategy == "fsdp"
+    from sft_ray.train.fsdp import enabled as sharded_by_fsdp
+
+    sharded = sharded_by_fsdp(cfg)
     kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
     kwargs["dtype"] = "auto" if cfg.model.dtype == "auto" else _dtype(cfg.model.dtype)
     q = cfg.quantization

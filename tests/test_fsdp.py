@@ -226,3 +226,31 @@ def test_fsdp_reads_the_base_on_one_worker_and_the_plan_holds(tmp_path, ray_loca
     for rank in (0, 1):
         assert abs(planned - peaks[rank]) / peaks[rank] < 0.30, (planned, peaks)
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
+
+
+def test_each_rank_stages_only_its_own_checkpoint_parts(tmp_path):
+    """On several nodes a rank's parts exist only on its node, so each rank uploads its own
+    (RunCallback.on_save with sharded_checkpoints, which the worker sets under fsdp)."""
+    from sft_ray.train.fsdp import stage_own_shards
+
+    ckpt = tmp_path / "checkpoint-4"
+    for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
+        (ckpt / folder).mkdir(parents=True)
+        for name in (".metadata", "__0_0.distcp", "__1_0.distcp", "__10_0.distcp"):
+            (ckpt / folder / name).write_bytes(name.encode())
+    (ckpt / "trainer_state.json").write_text("{}")
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    stage_own_shards(str(ckpt), str(staged), 1)
+    files = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
+    assert files == ["optimizer_0/__1_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp"]
+    assert (staged / "optimizer_0" / "__1_0.distcp").read_bytes() == b"__1_0.distcp"
+
+
+def test_the_worker_turns_on_per_rank_checkpoint_parts_under_fsdp():
+    """The wiring: build_trainer passes sharded_checkpoints=fsdp.enabled(cfg) to RunCallback."""
+    import inspect
+
+    from sft_ray.train import worker
+
+    assert "sharded_checkpoints=fsdp.enabled(cfg)" in inspect.getsource(worker.build_trainer)

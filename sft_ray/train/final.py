@@ -149,8 +149,8 @@ def write_final(
     weights: dict | None = None,
 ) -> dict:
     """Write `final/` whole (never half) and return the summary the driver prints. `weights`: the
-    trained weights gathered from a sharded model (fsdp.trainable_state_dict), None under ddp."""
-    from sft_ray.train.fsdp import save_final_weights
+    trained weights gathered from a sharded model (fsdp.trainable_state_dict), None under ddp
+    (the model is whole on rank 0); with an adapter PEFT keeps its own keys of them."""
 
     summary = summarize(trainer, before, after, train_metrics, rates, start_step)
     summary["data_shares"] = data_shares or []  # what each worker held: its own rows, filler, memory-mapped
@@ -173,7 +173,7 @@ def write_final(
     summary.update(shares)
     dest = storage.join(run_dir(cfg), "final")
     with tempfile.TemporaryDirectory() as tmp:
-        save_final_weights(trainer.model, tmp, weights)
+        trainer.model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         with open(f"{tmp}/config.yaml", "w") as f:
             yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)

@@ -87,15 +87,6 @@ def trainable_state_dict(trainer) -> dict | None:
     return get_model_state_dict(trainer.model, options=options)
 
 
-def save_final_weights(model, folder: str, state_dict: dict | None) -> None:
-    """Rank 0 writes the adapter (PEFT keeps only its own keys of a gathered dict) or, with
-    `lora: null`, the whole model; under ddp `state_dict` is None and the model is whole on every rank."""
-    if state_dict is None:
-        model.save_pretrained(folder)
-    else:
-        model.save_pretrained(folder, state_dict=state_dict)
-
-
 _SHARD = re.compile(r"__(\d+)_\d+\.distcp")
 
 

@@ -139,8 +139,8 @@ def _local_dir(name: str, run_dir: str) -> str:
 
 
 def _baseline_generations(me: Worker, built: Built, resumed: bool) -> dict:
-    """Generations before training (rank 0, the model still whole on every worker), kept in
-    storage so a resumed run still has them."""
+    """Generations before training, by rank 0 (its model is whole until the trainer shards it:
+    under fsdp the other workers' are empty), kept in storage so a resumed run still has them."""
     uri = storage.join(me.run_dir, "baseline.json")
     if resumed and storage.exists(uri):
         return storage.read_json(uri)
@@ -296,8 +296,8 @@ def build_trainer(me: Worker, loop_config: dict, resumed: bool) -> Built:
         tb_dir,
         loop_config.get("fail", {}),
         loop_config.get("async_upload", True),
+        sharded_checkpoints=fsdp.enabled(cfg),
     )
-    callback.shards_of = me.rank if fsdp.enabled(cfg) else None
     trainer = fsdp.trainer_class(cfg, me.device)(
         model=model,
         args=_sft_config(cfg, me.output_dir, me.device, eval_ds is not None, resumed),
@@ -337,23 +337,19 @@ def finish(me: Worker, built: Built, manifest: dict, before: dict, result, start
     import ray.train
 
     from sft_ray.train import fsdp
+    from sft_ray.train.callbacks import peak_memory_mb
     from sft_ray.train.final import write_final
 
     trainer, cfg = built.trainer, me.cfg
+    synced = fsdp.sharded(trainer.model)  # sharded: every worker generates and gathers, in step
     kept = _kept_final(cfg, trainer.state.global_step, start_step, me.rank)
     if kept is not None:
         after = {"eval_loss": kept["eval_loss_after"]} if kept.get("eval_loss_after") is not None else {}
     else:
         after = {"eval_loss": trainer.evaluate()["eval_loss"]} if trainer.eval_dataset is not None else {}
-    from sft_ray.train.callbacks import peak_memory_mb
-
-    shares = _gathered(
-        {**built.share, "sharded": fsdp.sharded(trainer.model), "peak_memory_mb": peak_memory_mb(me.device)}
-    )
+    shares = _gathered({**built.share, "sharded": synced, "peak_memory_mb": peak_memory_mb(me.device)})
     summary = kept if kept is not None and me.rank == 0 else {}
     if kept is None:
-        # A sharded model generates and gathers its weights on every worker; a whole one on rank 0 alone.
-        synced = fsdp.sharded(trainer.model)
         if (me.rank == 0 or synced) and built.prompts:
             after["generations"] = generate(
                 trainer.model, built.tokenizer, built.prompts, me.device, built.stops, synced
