@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import uuid
@@ -19,62 +18,30 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from sft_ray import storage
+from sft_ray.train.checkpoints import SNAPSHOT, Damaged, checkpoint_metrics, folders
 
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # full match: `checkpoint-0000050.tmp-…` is not one
 _DTYPES = ("float32", "bfloat16", "float16")
 # Checkpoint files only a resumed run needs: not downloaded to merge.
 _RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "rng_state", "optimizer", storage.COMPLETE)
 
 
-class _Folder:
-    """A folder on a local disk or in object storage, as `Path` is used here: `/`, is_file, is_dir."""
-
-    def __init__(self, uri: str):
-        self.uri = os.path.abspath(uri) if "://" not in uri else uri.rstrip("/")
-        self.name = self.uri.rsplit("/", 1)[-1]
-
-    def __truediv__(self, name: str) -> _Folder:
-        return _Folder(storage.join(self.uri, name))
-
-    def _type(self) -> pafs.FileType:
-        fs, path = storage.filesystem(self.uri)
-        return fs.get_file_info(path).type
-
-    def is_file(self) -> bool:
-        return self._type() == pafs.FileType.File
-
-    def is_dir(self) -> bool:
-        return self._type() == pafs.FileType.Directory
-
-    def iterdir(self) -> list[_Folder]:
-        fs, path = storage.filesystem(self.uri)
-        return [self / i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
-
-    def read_text(self) -> str:
-        fs, path = storage.filesystem(self.uri)
-        with fs.open_input_stream(path) as f:
-            return f.read().decode()
-
-    def result(self) -> Path | str:
-        """A Path for a local folder (what callers compare with), the URI for object storage."""
-        return Path(self.uri) if storage.is_local(self.uri) else self.uri
-
-    def __str__(self) -> str:
-        return self.uri
+def _result(uri: str) -> Path | str:
+    """A Path for a local folder (what callers compare with), the URI for object storage."""
+    return Path(uri) if storage.is_local(uri) else uri
 
 
-def _registered(run: _Folder) -> set[str] | None:
+def _registered(run: str) -> set[str] | None:
     """Checkpoint folders Ray Train registered (uploaded whole), from its snapshot; None without one."""
-    snapshot = run / "checkpoint_manager_snapshot.json"
-    if not snapshot.is_file():
+    snapshot = storage.join(run, SNAPSHOT)
+    if not storage.exists(snapshot):
         return None
     try:
-        return {c["checkpoint_dir_name"] for c in json.loads(snapshot.read_text())["checkpoint_results"]}
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        return {c["checkpoint_dir_name"] for c in storage.read_json(snapshot)["checkpoint_results"]}
+    except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{snapshot}: not a Ray Train checkpoint snapshot ({err!r})") from None
 
 
-def _complete_checkpoints(run: _Folder) -> list[tuple[int, _Folder]]:
+def _complete_checkpoints(run: str) -> list[tuple[int, str]]:
     """(step, folder) of checkpoints whose upload finished, oldest first.
 
     Ray Train's snapshot names the checkpoints it registered; a folder it does not name is an upload
@@ -83,44 +50,33 @@ def _complete_checkpoints(run: _Folder) -> list[tuple[int, _Folder]]:
     """
     registered = _registered(run)
     found = []
-    for child in run.iterdir() if run.is_dir() else []:
-        match = _CHECKPOINT.fullmatch(child.name)
-        if registered is not None and child.name not in registered:
+    for name in folders(run):
+        uri = storage.join(run, name)
+        if registered is not None and name not in registered:
             continue
-        if match and (child / "adapter_model.safetensors").is_file() and (child / "trainer_state.json").is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found, key=lambda x: x[0])
-
-
-def _eval_loss_at(checkpoint: _Folder, step: int) -> float | None:
-    """The eval loss this checkpoint was saved with: the last one logged at or before its step."""
-    path = checkpoint / "trainer_state.json"
-    try:
-        history = json.loads(path.read_text())["log_history"]
-    except (json.JSONDecodeError, KeyError) as err:
-        raise ValueError(f"{path}: not an HF trainer state ({err!r})") from None
-    latest, loss = -1, None
-    for entry in history:
-        if "eval_loss" in entry and "step" in entry and latest <= entry["step"] <= step:
-            latest, loss = entry["step"], entry["eval_loss"]
-    return loss
+        if storage.exists(storage.join(uri, "adapter_model.safetensors")) and storage.exists(
+            storage.join(uri, "trainer_state.json")
+        ):
+            found.append((int(name.split("-")[1]), uri))
+    return found
 
 
 def find_checkpoint(run_dir: str, which: str) -> Path | str:
     """The adapter folder to export: `final/`, the lowest-eval-loss checkpoint, or the newest one.
 
     A Path for a local run, the URI for a run in object storage."""
-    run = _Folder(str(run_dir))
-    if not run.is_dir():
+    run = str(run_dir) if "://" in str(run_dir) else os.path.abspath(run_dir)
+    fs, path = storage.filesystem(run)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{run}: no such run folder")
     if which == "final":
-        final = run / "final"
+        final = storage.join(run, "final")
         # An adapter, or with `lora: null` (full fine-tuning) a whole model.
-        if not (final / "adapter_config.json").is_file() and not (final / "config.json").is_file():
+        if not any(storage.exists(storage.join(final, n)) for n in ("adapter_config.json", "config.json")):
             raise FileNotFoundError(
                 f"{final}: no final adapter (the run has not finished); use --checkpoint latest or best"
             )
-        return final.result()
+        return _result(final)
     if which not in ("best", "latest"):
         raise ValueError(f"checkpoint must be one of final, best, latest; got {which!r}")
     checkpoints = _complete_checkpoints(run)
@@ -129,36 +85,23 @@ def find_checkpoint(run_dir: str, which: str) -> Path | str:
             f"{run}: no complete checkpoint-NNNNNNN folder (one with adapter_model.safetensors and trainer_state.json)"
         )
     if which == "latest":
-        return checkpoints[-1][1].result()
-    scored = [(loss, step, path) for step, path in checkpoints if (loss := _eval_loss_at(path, step)) is not None]
+        return _result(checkpoints[-1][1])
+    try:
+        losses = [(checkpoint_metrics(uri).get("eval_loss"), step, uri) for step, uri in checkpoints]
+    except Damaged as err:
+        raise ValueError(str(err)) from None
+    scored = [x for x in losses if x[0] is not None]
     if not scored:
-        names = ", ".join(p.name for _, p in checkpoints)
+        names = ", ".join(uri.rsplit("/", 1)[-1] for _, uri in checkpoints)
         raise ValueError(
             f"{run}: no checkpoint has an eval loss in its trainer_state.json ({names}); "
             "the run had no eval data or no eval before a save; use --checkpoint latest"
         )
-    return min(scored, key=lambda x: x[:2])[2].result()
+    return _result(min(scored, key=lambda x: x[:2])[2])
 
 
 def _has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer_config.json").is_file()
-
-
-def download(uri: str, dest: str) -> str:
-    """Copy the files of a folder in object storage that a merge needs (no optimizer or RNG state) to `dest`."""
-    fs, path = storage.filesystem(uri)
-    files = [
-        i
-        for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        if i.type == pafs.FileType.File and not i.base_name.startswith(_RESUME_ONLY)
-    ]
-    if not files:
-        raise FileNotFoundError(f"{uri}: no such folder, or it is empty")
-    for info in files:
-        target = os.path.join(dest, info.path[len(path.rstrip("/")) + 1 :])
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        pafs.copy_files(info.path, target, source_filesystem=fs)
-    return dest
 
 
 def merge(adapter_dir: str, out_dir: str, base_path: str | None = None, dtype: str = "float32") -> Path:
@@ -171,7 +114,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: str | None = None, dtype: s
     """
     if not storage.is_local(str(adapter_dir)):
         with tempfile.TemporaryDirectory(prefix="sft-ray-adapter-") as tmp:
-            return _merge(download(str(adapter_dir), tmp), out_dir, base_path, dtype)
+            return _merge(storage.download_dir(str(adapter_dir), tmp, skip=_RESUME_ONLY), out_dir, base_path, dtype)
     return _merge(adapter_dir, out_dir, base_path, dtype)
 
 

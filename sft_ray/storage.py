@@ -105,6 +105,24 @@ def upload_dir(local_dir: str, dest: str) -> None:
     pafs.copy_files(local_dir, path, destination_filesystem=fs)
 
 
+def download_dir(uri: str, local_dir: str, skip: tuple[str, ...] = ()) -> str:
+    """Copy the files of a folder (local or in object storage) into `local_dir`, leaving out those
+    whose names start with one of `skip`; raises FileNotFoundError when there are none."""
+    fs, path = filesystem(uri)
+    files = [
+        i
+        for i in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        if i.type == pafs.FileType.File and not i.base_name.startswith(skip)
+    ]
+    if not files:
+        raise FileNotFoundError(f"{uri}: no such folder, or it is empty")
+    for info in files:
+        target = os.path.join(local_dir, info.path[len(path.rstrip("/")) + 1 :])
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        pafs.copy_files(info.path, target, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local_dir
+
+
 def publish_dir(local_dir: str, dest: str) -> None:
     """Put the contents of `local_dir` at `dest`, replacing what was there, never half-copied.
 

@@ -124,12 +124,18 @@ def reported_metrics(log_history: list[dict], step: int) -> dict:
     return {**merged, "step": step}
 
 
-def _metrics(uri: str) -> dict:
-    state = storage.read_json(storage.join(uri, "trainer_state.json"))
-    return reported_metrics(state.get("log_history", []), state["global_step"])
+def checkpoint_metrics(uri: str) -> dict:
+    """What the checkpoint at `uri` was saved with (its trainer state's latest numbers)."""
+    path = storage.join(uri, "trainer_state.json")
+    try:
+        state = storage.read_json(path)
+        return reported_metrics(state.get("log_history", []), state["global_step"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise Damaged(f"{path}: not an HF trainer state ({err!r})") from None
 
 
-def _folders(run: str) -> list[str]:
+def folders(run: str) -> list[str]:
+    """The run's `checkpoint-N` folder names, oldest first (`checkpoint-N.tmp-…` is none)."""
     fs, path = storage.filesystem(run)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     names = [i.base_name for i in infos if i.type == pafs.FileType.Directory and _NAME.fullmatch(i.base_name)]
@@ -139,13 +145,15 @@ def _folders(run: str) -> list[str]:
 def _rebuilt(run: str, world: int, say) -> dict | None:
     """A checkpoint list of the whole checkpoint folders, oldest first; None when there is none."""
     results = []
-    for name in _folders(run):
+    for name in folders(run):
         try:
             verify(storage.join(run, name), world)
         except Damaged as err:
             say(f"  not whole, left out: {err}")
             continue
-        results.append({"version": 0, "checkpoint_dir_name": name, "metrics": _metrics(storage.join(run, name))})
+        results.append(
+            {"version": 0, "checkpoint_dir_name": name, "metrics": checkpoint_metrics(storage.join(run, name))}
+        )
     if not results:
         return None
     import ray
@@ -226,7 +234,7 @@ def resume_point(run: str, world: int, say=print) -> tuple[str, int] | None:
     uri = storage.join(run, SNAPSHOT)
     snap, why = (None, "") if not storage.exists(uri) else _read(uri)
     original = snap
-    if snap is None and (why or _folders(run)):
+    if snap is None and (why or folders(run)):
         say(f"the checkpoint list {uri} is {why or 'missing'}; rebuilding it from the checkpoint folders")
         snap = _rebuilt(run, world, say)
         if snap is None and why:  # nothing to resume from: Ray starts afresh without the list

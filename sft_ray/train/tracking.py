@@ -88,7 +88,7 @@ def close(cfg: Config, rank: int, final_dir: str | None = None, failed: bool = F
         if mlflow.active_run() is not None:
             if final_dir is not None:
                 with tempfile.TemporaryDirectory() as tmp:
-                    _download_dir(final_dir, tmp)
+                    storage.download_dir(final_dir, tmp)
                     mlflow.log_artifacts(tmp, artifact_path="final")
             mlflow.end_run("FAILED" if failed else "FINISHED" if final_dir is not None else "KILLED")
     if "wandb" in cfg.train.report_to:
@@ -147,10 +147,3 @@ def _flat(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else value
     return out
-
-
-def _download_dir(uri: str, local: str) -> None:
-    import pyarrow.fs as pafs
-
-    fs, path = storage.filesystem(uri)
-    pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
