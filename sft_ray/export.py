@@ -25,11 +25,6 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "rng_state", "optimizer", storage.COMPLETE)
 
 
-def _result(uri: str) -> Path | str:
-    """A Path for a local folder (what callers compare with), the URI for object storage."""
-    return Path(uri) if storage.is_local(uri) else uri
-
-
 def _registered(run: str) -> set[str] | None:
     """Checkpoint folders Ray Train registered (uploaded whole), from its snapshot; None without one."""
     snapshot = storage.join(run, SNAPSHOT)
@@ -65,7 +60,7 @@ def find_checkpoint(run_dir: str, which: str) -> Path | str:
     """The adapter folder to export: `final/`, the lowest-eval-loss checkpoint, or the newest one.
 
     A Path for a local run, the URI for a run in object storage."""
-    run = str(run_dir) if "://" in str(run_dir) else os.path.abspath(run_dir)
+    run = storage.absolute(str(run_dir))
     fs, path = storage.filesystem(run)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{run}: no such run folder")
@@ -76,7 +71,7 @@ def find_checkpoint(run_dir: str, which: str) -> Path | str:
             raise FileNotFoundError(
                 f"{final}: no final adapter (the run has not finished); use --checkpoint latest or best"
             )
-        return _result(final)
+        return storage.as_path(final)
     if which not in ("best", "latest"):
         raise ValueError(f"checkpoint must be one of final, best, latest; got {which!r}")
     checkpoints = _complete_checkpoints(run)
@@ -85,7 +80,7 @@ def find_checkpoint(run_dir: str, which: str) -> Path | str:
             f"{run}: no complete checkpoint-NNNNNNN folder (one with adapter_model.safetensors and trainer_state.json)"
         )
     if which == "latest":
-        return _result(checkpoints[-1][1])
+        return storage.as_path(checkpoints[-1][1])
     try:
         losses = [(checkpoint_metrics(uri).get("eval_loss"), step, uri) for step, uri in checkpoints]
     except Damaged as err:
@@ -97,7 +92,7 @@ def find_checkpoint(run_dir: str, which: str) -> Path | str:
             f"{run}: no checkpoint has an eval loss in its trainer_state.json ({names}); "
             "the run had no eval data or no eval before a save; use --checkpoint latest"
         )
-    return _result(min(scored, key=lambda x: x[:2])[2])
+    return storage.as_path(min(scored, key=lambda x: x[:2])[2])
 
 
 def _has_tokenizer(folder: Path) -> bool:

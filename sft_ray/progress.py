@@ -15,17 +15,10 @@ import threading
 import time
 
 from sft_ray import storage
+from sft_ray.report import short
 
 POLL_S = 2.0
 CLOCK_SKEW_S = 5.0  # rank 0's clock (it stamps the records) may be a little behind the driver's
-
-
-def _short(x: float) -> str:
-    """1234 -> 1.2k, 2100000 -> 2.1M."""
-    for unit, size in (("M", 1e6), ("k", 1e3)):
-        if abs(x) >= size:
-            return f"{x / size:.1f}{unit}"
-    return f"{x:.0f}"
 
 
 def _clock(seconds: float) -> str:
@@ -35,7 +28,7 @@ def _clock(seconds: float) -> str:
 
 
 def line(record: dict, total: int, eval_loss: float | None, eta_s: float | None) -> str:
-    """`step 50/150 (33%) · loss 4.27 · eval 4.27 · lr 2.0e-03 · 2.1k tok/s · ETA 0:42`."""
+    """`step 50/150 (33%) · loss 4.27 · eval 4.27 · lr 2.0e-03 · 2.1k trained tok/s · ETA 0:42`."""
     step = record["step"]
     parts = [f"step {step}/{total} ({step / total:.0%})" if total else f"step {step}"]
     parts.append(f"loss {record['loss']:.4g}")
@@ -44,7 +37,7 @@ def line(record: dict, total: int, eval_loss: float | None, eta_s: float | None)
     if "learning_rate" in record:
         parts.append(f"lr {record['learning_rate']:.1e}")
     if record.get("trained_tokens_per_s"):
-        parts.append(f"{_short(record['trained_tokens_per_s'])} tok/s")
+        parts.append(f"{short(record['trained_tokens_per_s'])} trained tok/s")
     if eta_s is not None:
         parts.append(f"ETA {_clock(eta_s)}")
     return " · ".join(parts)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import html
 import io
 import json
-import os
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -94,11 +93,6 @@ pre { background: #f7f7f7; padding: 1em; overflow-x: auto; }
 # --- storage ------------------------------------------------------------------------------------
 
 
-def absolute(uri: str) -> str:
-    """A local path made absolute (pyarrow needs one); a URI as it is."""
-    return os.path.abspath(uri) if storage.is_local(uri) and "://" not in uri else uri.rstrip("/")
-
-
 def _info(uri: str) -> pafs.FileInfo:
     fs, path = storage.filesystem(uri)
     return fs.get_file_info(path)
@@ -142,7 +136,7 @@ def load_metrics(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     (step, key) wins. A run still training may be caught mid-append: an unterminated last line
     that does not parse is skipped, any other bad line is an error.
     """
-    path = storage.join(absolute(run_dir), "metrics.jsonl")
+    path = storage.join(storage.absolute(run_dir), "metrics.jsonl")
     fs, where = storage.filesystem(path)
     with fs.open_input_stream(where) as f:
         text = f.read().decode()
@@ -414,17 +408,13 @@ def _history(series: dict) -> dict:
     }
 
 
-def _result(uri: str):
-    return Path(uri) if storage.is_local(uri) else uri
-
-
 # --- the pages ------------------------------------------------------------------------------------
 
 
 def write_report(run_dir: str) -> Path | str:
     """Write `RUN_DIR/report/` (plots and index.html) and return that folder: a Path for a local
     run, the URI for one in object storage. A sweep's folder gets the sweep's page."""
-    run = absolute(run_dir)
+    run = storage.absolute(run_dir)
     if not _is_dir(run):
         raise FileNotFoundError(f"{run}: no such run folder")
     if _is_dir(storage.join(run, "trials")) or _is_file(storage.join(run, "results.json")):
@@ -502,7 +492,7 @@ def write_report(run_dir: str) -> Path | str:
 """
     # Last, so every image it names exists; whole or not at all (storage.write_bytes).
     storage.write_bytes(storage.join(out, "index.html"), _page(f"sft-ray run {name}", body))
-    return _result(out)
+    return storage.as_path(out)
 
 
 _STATUS_ORDER = {"completed": 0, "stopped early": 1, "unfinished": 2, "errored": 3}
@@ -606,4 +596,4 @@ def _write_sweep(sweep: str) -> Path | str:
 {plot or "<p>No evaluation logged yet.</p>"}
 """
     storage.write_bytes(storage.join(out, "index.html"), _page(f"sft-ray sweep {name}", page))
-    return _result(out)
+    return storage.as_path(out)

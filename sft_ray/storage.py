@@ -32,6 +32,16 @@ def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (pyarrow needs one); a URI as it is, without a trailing slash."""
+    return uri.rstrip("/") if "://" in uri else os.path.abspath(uri)
+
+
+def as_path(uri: str) -> Path | str:
+    """What commands hand back for a folder: a Path when it is local, the URI otherwise."""
+    return Path(uri) if is_local(uri) else uri
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

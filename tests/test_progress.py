@@ -28,7 +28,7 @@ def _records(steps, t0=1000.0, per_step=2.0, eval_every=2):
 def test_one_line_per_step_with_total_percentage_and_a_falling_eta():
     follower = Follower(total=10, start_step=0)
     lines = follower.new_lines(_records(range(1, 6)))
-    assert len(lines) == 5 and lines[0].startswith("step 1/10 (10%) · loss 4.9 · lr 2.0e-03 · 2.1k tok/s")
+    assert len(lines) == 5 and lines[0].startswith("step 1/10 (10%) · loss 4.9 · lr 2.0e-03 · 2.1k trained tok/s")
     assert "ETA" not in lines[0]  # one point gives no rate
     etas = [re.search(r"ETA (\d+):(\d\d)", x) for x in lines[1:]]
     seconds = [int(m.group(1)) * 60 + int(m.group(2)) for m in etas]
@@ -49,7 +49,7 @@ def test_a_resumed_run_starts_after_its_checkpoint_and_times_only_this_attempt()
 def test_format_without_total_and_with_large_numbers():
     assert line({"step": 3, "loss": 1.23456}, 0, None, None) == "step 3 · loss 1.235"
     text = line({"step": 1, "loss": 2.0, "trained_tokens_per_s": 2_345_678.0}, 4, 1.5, 3725)
-    assert text == "step 1/4 (25%) · loss 2 · eval 1.5 · 2.3M tok/s · ETA 1:02:05"
+    assert text == "step 1/4 (25%) · loss 2 · eval 1.5 · 2.3M trained tok/s · ETA 1:02:05"
 
 
 def test_follow_prints_what_the_run_writes_and_the_last_lines_at_the_end(tmp_path):
