@@ -45,13 +45,6 @@ def ray_train_log_level() -> str:
     return "INFO" if verbose() else "WARNING"
 
 
-class _Quiet(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("ray.data") and record.levelno < logging.WARNING:
-            return False
-        return not NOISE.search(record.getMessage())
-
-
 class _FilteredStream:
     """A text stream that drops whole lines matching NOISE (the driver's stdout and stderr, which
     carry the lines Ray forwards from its workers and actors)."""
@@ -114,9 +107,6 @@ def quiet_driver() -> None:
     if verbose():
         return
     _filter_stderr_descriptor()
-    for handler in logging.getLogger("ray").handlers + logging.getLogger().handlers:
-        handler.addFilter(_Quiet())
-    logging.getLogger("ray").addFilter(_Quiet())
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=LIBRARIES)
     warnings.filterwarnings("ignore", category=FutureWarning, module=LIBRARIES)
     if not isinstance(sys.stdout, _FilteredStream):
