@@ -203,10 +203,11 @@ def test_a_sharded_checkpoint_missing_a_workers_part_is_damaged(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_reads_the_base_on_one_worker_and_the_plan_holds(tmp_path, ray_local):
-    """A 62M-parameter model (250 MB in float32), large enough for the model to count in RSS: rank 0
-    alone reads it under fsdp (the other worker builds it empty and gets its shard from rank 0 while
-    it is sharded), training works, and `sft-ray plan` is within 30% of each worker's peak
+def test_fsdp_a_62m_model_trains_and_the_plan_holds_on_both_workers(tmp_path, ray_local):
+    """A 62M-parameter model (250 MB in float32), large enough for the model to count in RSS, loaded
+    by rank 0 alone (the other worker builds it empty and gets its shard from rank 0 while it is
+    sharded): it trains, and `sft-ray plan` is within 30% of each worker's peak. That rank 1 never
+    read the weights is not asserted: on CPU the memory-mapped weights make no measurable difference
     (measured 2026-12-01: plan 1036 MiB, peaks 1340 and 1353 MiB, -23%; the plan leaves out what
     the allocator keeps after the rank-0 broadcast of the whole model)."""
     from sft_ray.plan import estimate, peak
