@@ -385,10 +385,10 @@ def find_manifest(cfg: Config) -> tuple[dict | None, str]:
     """The manifest of this config's preparation under storage.path and where it is; or None and
     why there is none (not prepared yet, or the sources cannot be fingerprinted). Reads only:
     nothing is prepared, no Ray is started."""
-    from sft_ray.data.cache import cache_key
+    from sft_ray.data.cache import prepared_dir
 
     try:
-        where = storage.join(cfg.storage.path, "datasets", cache_key(cfg), "manifest.json")
+        where = storage.join(prepared_dir(cfg), "manifest.json")
     except DataError as err:
         return None, f"cannot look for a preparation: {err}"
     if not storage.exists(where):

@@ -52,6 +52,11 @@ def check_sources(cfg: Config) -> list[dict]:
     return out
 
 
+def prepared_dir(cfg: Config) -> str:
+    """Where this config's preparation lives: `<storage.path>/datasets/<cache key>`."""
+    return storage.join(cfg.storage.path, "datasets", cache_key(cfg))
+
+
 def cache_key(cfg: Config) -> str:
     """Hash of everything that changes the prepared rows."""
     model_dir = Path(cfg.model.path)

@@ -22,7 +22,7 @@ import uuid
 from sft_ray import storage
 from sft_ray.config import Config
 from sft_ray.data import stats
-from sft_ray.data.cache import cache_key, check_sources, plan_args, specs
+from sft_ray.data.cache import cache_key, check_sources, plan_args, prepared_dir, specs
 from sft_ray.data.errors import DataError
 from sft_ray.data.sources import plan_chunks
 from sft_ray.lease import process_alive
@@ -185,7 +185,7 @@ def prepare(cfg: Config, output: str | None = None) -> tuple[str, dict]:
     check_sources(cfg)  # a missing file fails here, before anything is loaded or started
     tokenizer = check_model(cfg)
     if output is None:
-        out = storage.join(cfg.storage.path, "datasets", cache_key(cfg))
+        out = prepared_dir(cfg)
         if storage.exists(storage.join(out, "manifest.json")):
             manifest = storage.read_json(storage.join(out, "manifest.json"))
             print(f"prepared data: reusing {out} (same sources, tokenizer and settings; {stats.describe(manifest)})")
