@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CPU_TORCH ?= torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: install demo test test-fast lint format clean bench-data bench-train bench-scale gpu-check gpu-wheels
+.PHONY: install demo test test-fast lint format clean bench-data bench-train bench-scale bench-plan gpu-check gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -56,6 +56,11 @@ bench-train: install
 # preparation rows/s, driver and per-worker peak RSS, seconds to the first step. `ARGS=--quick`: 2k and 20k.
 bench-scale: install
 	$(PY) benchmarks/scale_bench.py $(ARGS)
+
+# `sft-ray plan` against measured peak RSS on a 62M-parameter model under fsdp (2 CPU workers), with
+# glibc's default allocator and with its mmap threshold fixed.
+bench-plan: install
+	$(PY) benchmarks/plan_bench.py $(ARGS)
 
 # The prepared check for a bare CUDA machine (README "GPU check"): installs from wheels/ offline, runs
 # the gpu tests and benchmarks/gpu_bench.py. No `install` prerequisite: it runs with the machine's own

@@ -203,32 +203,6 @@ def test_a_sharded_checkpoint_missing_a_workers_part_is_damaged(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_a_62m_model_trains_and_the_plan_holds_on_both_workers(tmp_path, ray_local):
-    """A 62M-parameter model (250 MB in float32), large enough for the model to count in RSS, loaded
-    by rank 0 alone (the other worker builds it empty and gets its shard from rank 0 while it is
-    sharded): it trains, and `sft-ray plan` is within 30% of each worker's peak. That rank 1 never
-    read the weights is not asserted: on CPU the memory-mapped weights make no measurable difference
-    (measured 2026-12-01: plan 1036 MiB, peaks 1340 and 1353 MiB, -23%; the plan leaves out what
-    the allocator keeps after the rank-0 broadcast of the whole model)."""
-    from sft_ray.plan import estimate, peak
-    from sft_ray.tiny_model import build_tiny_model
-    from sft_ray.train.driver import train
-
-    mid = build_tiny_model(tmp_path / "mid", hidden_size=1024, num_hidden_layers=4, intermediate_size=4096)
-    model_mb = (mid / "model.safetensors").stat().st_size / 2**20
-    cfg = _cfg(tmp_path, mid, "mid", max_steps=2)
-    cfg.train.eval_steps = cfg.train.save_steps = 2
-    summary = train(cfg)
-    peaks = {s["rank"]: s["peak_memory_mb"] for s in summary["data_shares"]}
-    print(f"model {model_mb:.0f} MiB; peak RSS MiB per rank: {peaks}")
-    assert [s["sharded"] for s in summary["data_shares"]] == [True, True]
-    planned = peak(estimate(cfg, "fsdp")) / 2**20
-    print(f"planned {planned:.0f} MiB")
-    for rank in (0, 1):
-        assert abs(planned - peaks[rank]) / peaks[rank] < 0.30, (planned, peaks)
-    assert summary["eval_loss_after"] < summary["eval_loss_before"]
-
-
 def test_each_rank_stages_only_its_own_checkpoint_parts(tmp_path):
     """On several nodes a rank's parts exist only on its node, so each rank uploads its own
     (RunCallback.on_save with sharded_checkpoints, which the worker sets under fsdp)."""
