@@ -99,6 +99,8 @@ def _print_summary(s: dict) -> None:
         )
     if s.get("exact_share_after") is not None:
         print(f"exact answers   before {s['exact_share_before']:.0%}  after {s['exact_share_after']:.0%}")
+    if s.get("early_stopping"):
+        print(s["early_stopping"]["line"])
     if s.get("diagnosis"):
         from sft_ray.diagnose import format_findings
 

@@ -116,6 +116,14 @@ class DataConfig(_Strict):
         return self
 
 
+class EarlyStoppingConfig(_Strict):
+    """Stop when eval loss has not improved by more than min_delta for `patience` evaluations;
+    final/ then holds the best evaluation's weights (train/early_stop.py)."""
+
+    patience: int = Field(gt=0)
+    min_delta: float = Field(0.0, ge=0)
+
+
 class TrainConfig(_Strict):
     learning_rate: float = Field(2.0e-4, gt=0)
     epochs: float = Field(3, gt=0)
@@ -134,6 +142,7 @@ class TrainConfig(_Strict):
     save_steps: int = Field(50, gt=0)
     seed: int = 42
     samples: int = Field(3, ge=0)  # held-out prompts generated before and after training
+    early_stopping: EarlyStoppingConfig | None = None
 
 
 class ScalingConfig(_Strict):
@@ -219,6 +228,14 @@ class Config(_Strict):
                 "data.chat_template=chatml trains the embedding rows of its new tokens next to the adapter (PEFT "
                 "trainable tokens), which FSDP cannot shard (measured: mixed Tensor and DTensor in PEFT's index_copy): "
                 "use scaling.strategy=ddp, the model's own chat template, or lora: null (full fine-tuning)"
+            )
+        stop, t = self.train.early_stopping, self.train
+        if stop is not None and not (self.data.eval or self.data.eval_fraction):
+            raise ValueError("train.early_stopping stops on eval loss: set data.eval (files) or data.eval_fraction")
+        if stop is not None and t.save_steps != t.eval_steps:
+            raise ValueError(
+                "train.early_stopping keeps the best evaluation's checkpoint, so every evaluation needs one: set "
+                f"train.save_steps equal to train.eval_steps (now {t.save_steps} and {t.eval_steps})"
             )
         if s.cpu_offload and not s.use_gpu:
             raise ValueError("scaling.cpu_offload: the workers train on CPUs already (scaling.use_gpu=false)")

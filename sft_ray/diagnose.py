@@ -68,7 +68,8 @@ def _overfitting(evals, train) -> dict | None:
             "train_loss_last": train_now,
         },
         "try": [
-            f"fewer epochs, or stop near step {best_step} (early stopping; `sft-ray export RUN --checkpoint best`)",
+            f"fewer epochs, or stop near step {best_step} "
+            "(early stopping: train.early_stopping; for this run: `sft-ray export RUN --checkpoint best`)",
             "more training data",
             "a lower learning rate (train.learning_rate)",
             "more dropout (lora.dropout) or weight decay (train.weight_decay)",
@@ -110,7 +111,7 @@ def _memorization(evals, train) -> dict | None:
         ),
         "numbers": {"train_loss_last": train_now, "last_eval_step": last_step, "last_eval_loss": last},
         "try": [
-            "fewer epochs, or early stopping on eval loss",
+            "fewer epochs, or early stopping on eval loss (train.early_stopping)",
             "more (and more varied) training data; check for duplicated rows",
             "a lower learning rate, more dropout (lora.dropout)",
         ],

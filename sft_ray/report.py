@@ -474,8 +474,11 @@ def write_report(run_dir: str) -> Path | str:
         else "<p>final/config.yaml is missing.</p>"
     )
     name = run.rstrip("/").rsplit("/", 1)[-1]
+    stopping = (summary or {}).get("early_stopping")
+    stopping_html = f"<p><b>Early stopping</b>: {_esc(stopping['line'])}</p>" if stopping else ""
     body = f"""<h1>Run {_esc(name)}</h1>
 <p class=sub>{_esc(run)} &middot; {_esc(status)}</p>
+{stopping_html}
 {_top(findings, _data_warnings(manifest), missing)}
 <h2>Before and after training</h2>
 {_before_after(summary, samples, n_samples)}

@@ -117,17 +117,19 @@ def upload_dir(local_dir: str, dest: str) -> None:
 
 def download_dir(uri: str, local_dir: str, skip: tuple[str, ...] = ()) -> str:
     """Copy the files of a folder (local or in object storage) into `local_dir`, leaving out those
-    whose names start with one of `skip`; raises FileNotFoundError when there are none."""
+    whose paths inside it start with one of `skip` (a name or a subfolder's name); raises
+    FileNotFoundError when there are none."""
     fs, path = filesystem(uri)
+    inside = len(path.rstrip("/")) + 1
     files = [
         i
         for i in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-        if i.type == pafs.FileType.File and not i.base_name.startswith(skip)
+        if i.type == pafs.FileType.File and not i.path[inside:].startswith(skip)
     ]
     if not files:
         raise FileNotFoundError(f"{uri}: no such folder, or it is empty")
     for info in files:
-        target = os.path.join(local_dir, info.path[len(path.rstrip("/")) + 1 :])
+        target = os.path.join(local_dir, info.path[inside:])
         os.makedirs(os.path.dirname(target), exist_ok=True)
         pafs.copy_files(info.path, target, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local_dir

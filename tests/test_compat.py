@@ -100,3 +100,38 @@ def test_accelerate_sharding_made_a_passthrough_for_a_workers_own_share():
     skipped = skip_first_batches(own, 4)
     skipped.set_epoch(0)
     assert [b.tolist() for b in skipped] == batches[4:]
+
+
+def test_load_weights_puts_a_checkpoints_adapter_into_the_trainers_model(tiny_model, tmp_path):
+    """Early stopping loads the best checkpoint back through `Trainer._load_from_checkpoint`: the
+    adapter saved in a folder replaces the model's trained weights, the frozen base stays."""
+    import datasets
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from sft_ray.train.compat import load_weights
+
+    def fresh():
+        base = AutoModelForCausalLM.from_pretrained(tiny_model)
+        return get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+
+    saved = fresh()
+    with torch.no_grad():
+        for name, p in saved.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.25)
+    saved.save_pretrained(tmp_path / "best")
+    model = fresh()
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none"),
+        train_dataset=datasets.Dataset.from_list([{"input_ids": [5, 6], "labels": [5, 6]}]),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model),
+    )
+    base = {n: p.clone() for n, p in model.named_parameters() if "lora_" not in n}
+    load_weights(trainer, str(tmp_path / "best"), sharded=False)
+    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.all(p == 0.25) for p in lora_b)
+    assert all(p.requires_grad for p in lora_b)  # still trainable, as after a resume
+    assert all(torch.equal(p, base[n]) for n, p in trainer.model.named_parameters() if "lora_" not in n)

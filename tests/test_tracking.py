@@ -1,6 +1,7 @@
 """W&B and MLflow (`train.report_to`): offline W&B run files and a local MLflow file store, read
 back: the run named after `name`, a loss at every logging step, the resolved config and the data
-manifest attached, the final adapter as an MLflow artifact, and one run only from two workers."""
+manifest attached, the final adapter as an MLflow artifact. The real 2-worker run (one tracker run
+across a worker restart) is shared with early stopping: tests/test_early_stopping.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import train_steps, two_worker_config
 
 pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
@@ -60,12 +60,14 @@ def wandb_records(run_dir: str) -> list:
     return records
 
 
-def wandb_run(wandb_dir: Path) -> dict:
-    """The one offline run under WANDB_DIR: its name, project, config, history rows, saved files."""
-    runs = glob.glob(str(wandb_dir / "wandb" / "offline-run-*"))
-    assert len(runs) == 1, runs  # rank 0 alone opened a run
-    out = {"dir": runs[0], "history": [], "config": {}, "files": set()}
-    for r in wandb_records(runs[0]):
+def wandb_run(wandb_dir: Path, attempts: int = 1) -> dict:
+    """The one offline run under WANDB_DIR: its name, project, config, history rows, saved files.
+    A resumed run leaves a folder per attempt, each named with the same run id; read in order."""
+    runs = sorted(glob.glob(str(wandb_dir / "wandb" / "offline-run-*")))
+    assert len(runs) == attempts, runs  # rank 0 alone opened a run
+    assert len({r.rsplit("-", 1)[1] for r in runs}) == 1, runs  # one run id
+    out = {"dir": runs[0], "history": [], "config": {}, "files": set(), "id": runs[0].rsplit("-", 1)[1]}
+    for r in (record for run in runs for record in wandb_records(run)):
         kind = r.WhichOneof("record_type")
         if kind == "run":
             out["name"], out["project"] = r.run.display_name, r.run.project
@@ -76,10 +78,13 @@ def wandb_run(wandb_dir: Path) -> dict:
             out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
         elif kind == "files":
             out["files"].update(f.path for f in r.files.files)
+        elif kind == "exit":
+            out["exit_code"] = r.exit.exit_code
     return out
 
 
 def wandb_losses(run: dict) -> dict[int, float]:
+    """The loss of each step, the last logged (a resumed attempt trains some steps again)."""
     return {int(h["train/global_step"]): h["train/loss"] for h in run["history"] if "train/loss" in h}
 
 
@@ -95,9 +100,12 @@ def mlflow_run(tmp_path: Path, name: str):
     return client, runs[0]
 
 
-def mlflow_losses(client, run) -> dict[int, float]:
-    history = client.get_metric_history(run.info.run_id, "loss")
-    assert len({m.step for m in history}) == len(history)  # one loss per step
+def mlflow_losses(client, run, again: tuple[int, ...] = ()) -> dict[int, float]:
+    """The loss of each step, the last logged; each once, but the steps in `again` (those a
+    restarted attempt may have trained twice) at most twice."""
+    history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.timestamp)
+    steps = [m.step for m in history]
+    assert all(steps.count(s) == 1 or (s in again and steps.count(s) == 2) for s in steps), steps
     return {m.step: m.value for m in history}
 
 
@@ -142,7 +150,7 @@ def test_one_process_run_logs_every_step_config_manifest_and_adapter(tiny_model,
     )
     manifest = {"splits": {"train": {"rows_written": 16}}, "note": "a manifest"}
     assert tracking.driver_env(cfg, {**env, "WANDB_API_KEY": "secret", "HOME": "/x"}) == env
-    tracking.start(cfg, {"manifest": manifest, "tracker_env": env}, rank=0)
+    tracking.start(cfg, {"manifest": manifest, "tracker_env": env}, 0, str(tmp_path / "storage" / cfg.name), False)
     device = torch.device("cpu")
     rows = datasets.Dataset.from_list(_rows(tokenizer, 16))
     trainer = SFTTrainer(
@@ -187,6 +195,30 @@ def test_one_process_run_logs_every_step_config_manifest_and_adapter(tiny_model,
     assert mlflow.artifacts.load_dict(f"{mrun.info.artifact_uri}/data_manifest.json") == manifest
 
 
+def test_a_failed_attempt_ends_its_tracker_runs_as_failed(tiny_model, tmp_path, monkeypatch):
+    """train_loop closes the trackers with failed=True when the attempt raises: the MLflow run is
+    FAILED and the W&B run exits with 1, instead of both staying open as running."""
+    from sft_ray.config import validate
+    from sft_ray.train import tracking
+
+    env = tracker_env(tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = validate(
+        {
+            "name": "failed-unit",
+            "model": {"path": str(tiny_model)},
+            "data": {"train": [{"path": "unused.jsonl"}]},
+            "storage": {"path": str(tmp_path / "storage")},
+            "train": {"report_to": ["wandb", "mlflow"]},
+        }
+    )
+    tracking.start(cfg, {"manifest": {}, "tracker_env": env}, 0, str(tmp_path / "storage" / cfg.name), False)
+    tracking.close(cfg, rank=0, failed=True)
+    assert mlflow_run(tmp_path, "failed-unit")[1].info.status == "FAILED"
+    assert wandb_run(tmp_path / "wandb-dir")["exit_code"] == 1
+
+
 def test_report_to_accepts_wandb_and_names_the_run(tiny_model, tmp_path):
     import torch
 
@@ -213,46 +245,3 @@ def test_report_to_accepts_wandb_and_names_the_run(tiny_model, tmp_path):
                 "train": {"report_to": ["neptune"]},
             }
         )
-
-
-@pytest.mark.slow
-def test_two_worker_run_reports_to_wandb_and_mlflow_from_rank_0(tmp_path, tiny_model, ray_local, monkeypatch):
-    """One real 2-worker run with both trackers: the settings reach the workers from the driver's
-    environment, each tracker holds one run (rank 0's), named after the run, with the loss of every
-    step that metrics.jsonl has, and MLflow holds the final adapter byte for byte."""
-    from sft_ray.train.driver import train
-
-    for k, v in tracker_env(tmp_path).items():
-        monkeypatch.setenv(k, v)  # set after the session's Ray started: forwarded by the driver
-    cfg = two_worker_config(
-        tmp_path, tiny_model, ROWS, "tracked", epochs=1, eval_steps=4, save_steps=4, report_to=["wandb", "mlflow"]
-    )
-    summary = train(cfg)
-    run_dir = tmp_path / "storage" / "tracked"
-    steps = train_steps(run_dir)
-    assert steps == list(range(1, summary["global_step"] + 1))
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    losses = {e["step"]: e["loss"] for e in metrics if "loss" in e}
-    manifest = json.loads((run_dir / "final" / "data_manifest.json").read_text())
-
-    run = wandb_run(tmp_path / "wandb-dir")
-    assert (run["name"], run["project"]) == ("tracked", "sft-ray-tests")
-    assert wandb_losses(run) == pytest.approx(losses)
-    assert run["config"]["sft_ray"] == cfg.model_dump(mode="json")
-    assert run["config"]["data_manifest"] == manifest
-    assert json.loads(Path(run["dir"], "files", "data_manifest.json").read_text()) == manifest
-    assert any("train/trained_tokens_per_s" in h for h in run["history"])  # RunCallback's keys reach it
-
-    client, mrun = mlflow_run(tmp_path, "tracked")
-    assert mrun.info.status == "FINISHED"
-    assert mlflow_losses(client, mrun) == pytest.approx(losses)
-    assert client.get_metric_history(mrun.info.run_id, "trained_tokens_per_s")
-    assert mrun.data.params["sft_ray.name"] == "tracked"
-    assert mrun.data.params["sft_ray.scaling.num_workers"] == "2"
-    got = Path(client.download_artifacts(mrun.info.run_id, "final", str(tmp_path / "fetched")))
-    final = run_dir / "final"
-    for name in ("adapter_model.safetensors", "adapter_config.json", "config.yaml"):
-        assert (got / name).read_bytes() == (final / name).read_bytes()
-    import mlflow
-
-    assert mlflow.artifacts.load_dict(f"{mrun.info.artifact_uri}/data_manifest.json") == manifest

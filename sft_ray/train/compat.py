@@ -31,6 +31,13 @@ def no_ray_sigint_handler(trainer) -> None:
     trainer._register_sigint_handler = lambda controller: None
 
 
+def load_weights(trainer, checkpoint_dir: str, sharded: bool) -> None:
+    """Load a checkpoint folder's weights into the trainer's model, as the HF Trainer does when it
+    resumes (`Trainer._load_from_checkpoint`: a PEFT adapter, a sharded FSDP state dict into the
+    wrapped model, or a whole model's safetensors); optimizer and scheduler are left alone."""
+    trainer._load_from_checkpoint(checkpoint_dir, trainer.model_wrapped if sharded else None)
+
+
 def worker_group_startup_timeout():
     """The controller failure Ray Train raises when it cannot place the worker group in time."""
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError

@@ -110,6 +110,10 @@ def fit(
     if point is not None:
         print(f"resuming {cfg.name} from {point[0]} (step {point[1]} of {steps})", flush=True)
     has_eval = manifest["splits"]["eval"]["rows_written"] > 0
+    if cfg.train.early_stopping is not None and not has_eval:
+        raise ConfigError(
+            f"train.early_stopping stops on eval loss, but the prepared eval split of {prepared} has no rows"
+        )
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={

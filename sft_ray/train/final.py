@@ -147,6 +147,7 @@ def write_final(
     start_step: int = 0,
     data_shares: list[dict] | None = None,
     weights: dict | None = None,
+    early_stopping: dict | None = None,
 ) -> dict:
     """Write `final/` whole (never half) and return the summary the driver prints. `weights`: the
     trained weights gathered from a sharded model (fsdp.trainable_state_dict), None under ddp
@@ -154,6 +155,8 @@ def write_final(
 
     summary = summarize(trainer, before, after, train_metrics, rates, start_step)
     summary["data_shares"] = data_shares or []  # what each worker held: its own rows, filler, memory-mapped
+    if early_stopping is not None:
+        summary["early_stopping"] = early_stopping  # stopped_at, best_step, kept_step, line
     samples = [
         {
             "prompt": tokenizer.decode(p["prompt_ids"], skip_special_tokens=True),

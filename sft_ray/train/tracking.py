@@ -1,5 +1,10 @@
-"""Experiment trackers (`train.report_to: [wandb, mlflow]`): one tracker run per training attempt,
-named after the run, opened before training and closed after `final/` by rank 0 alone.
+"""Experiment trackers (`train.report_to: [wandb, mlflow]`): one tracker run per training run,
+named after it, opened before training and closed after `final/` by rank 0 alone.
+
+A restarted or resumed attempt with the same config logs into the same tracker runs: their ids
+are kept in `<run>/trackers.json`. W&B resumes its run (`resume="allow"`); MLflow reopens its run
+and leaves its params as the first attempt logged them (MLflow refuses to change a param, and
+the HF callback's `output_dir` differs per attempt). A changed config opens new runs.
 
 The HF Trainer's own integrations (WandbCallback, MLflowCallback) log the metrics, on the main
 process only; they log into the run opened here when one is open. Opening it here first:
@@ -65,16 +70,26 @@ def driver_env(cfg: Config, environ=None) -> dict:
     return {k: environ[k] for k in FORWARDED if k in environ}
 
 
-def start(cfg: Config, loop_config: dict, rank: int) -> None:
-    """On every worker, before training: take the driver's tracker settings; rank 0 opens the runs."""
+TRACKERS = "trackers.json"  # in the run folder: the config and the tracker run ids it was logged under
+
+
+def start(cfg: Config, loop_config: dict, rank: int, run_dir: str, resumed: bool) -> None:
+    """On every worker, before training: take the driver's tracker settings; rank 0 opens the runs
+    (an earlier attempt's, when this one resumes the same config)."""
     os.environ.update(loop_config.get("tracker_env", {}))  # every rank: the HF integrations read them on all
-    if rank != 0:
+    if rank != 0 or not {"wandb", "mlflow"} & set(cfg.train.report_to):
         return
     config, manifest = cfg.model_dump(mode="json"), loop_config.get("manifest", {})
+    uri = storage.join(run_dir, TRACKERS)
+    earlier = storage.read_json(uri) if resumed and storage.exists(uri) else {}
+    if earlier.get("config") != config:
+        earlier = {}
+    ids = {"config": config}
     if "wandb" in cfg.train.report_to:
-        _start_wandb(cfg, config, manifest)
+        ids["wandb"] = _start_wandb(cfg, config, manifest, earlier.get("wandb"))
     if "mlflow" in cfg.train.report_to:
-        _start_mlflow(cfg, config, manifest)
+        ids["mlflow"] = _start_mlflow(cfg, config, manifest, earlier.get("mlflow"))
+    storage.write_json(uri, ids)
 
 
 def close(cfg: Config, rank: int, final_dir: str | None = None, failed: bool = False) -> None:
@@ -102,7 +117,8 @@ def close(cfg: Config, rank: int, final_dir: str | None = None, failed: bool = F
         wandb.teardown()
 
 
-def _start_wandb(cfg: Config, config: dict, manifest: dict) -> None:
+def _start_wandb(cfg: Config, config: dict, manifest: dict, earlier: str | None) -> str:
+    """Opens (or resumes) the W&B run; returns its id."""
     import wandb
 
     if wandb.run is not None:  # one left open by an earlier run in this process
@@ -111,15 +127,19 @@ def _start_wandb(cfg: Config, config: dict, manifest: dict) -> None:
         project=os.environ.get("WANDB_PROJECT", "sft-ray"),
         name=cfg.name,
         config={"sft_ray": config, "data_manifest": manifest},
+        id=earlier,
+        resume="allow" if earlier else None,
     )
     for name, obj in (("sft_ray_config.json", config), ("data_manifest.json", manifest)):
         path = os.path.join(run.dir, name)
         with open(path, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
         run.save(path, base_path=run.dir, policy="now")
+    return run.id
 
 
-def _start_mlflow(cfg: Config, config: dict, manifest: dict) -> None:
+def _start_mlflow(cfg: Config, config: dict, manifest: dict, earlier: str | None) -> str:
+    """Opens (or reopens) the MLflow run; returns its id."""
     import mlflow
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
@@ -127,7 +147,11 @@ def _start_mlflow(cfg: Config, config: dict, manifest: dict) -> None:
         mlflow.end_run()
     if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
         mlflow.set_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
-    mlflow.start_run(run_name=cfg.name)
+    if earlier:
+        # Its params are there; the HF callback's would differ (output_dir) and fail: it logs none.
+        os.environ["MLFLOW_MAX_LOG_PARAMS"] = "0"
+        return mlflow.start_run(run_id=earlier).info.run_id
+    run = mlflow.start_run(run_name=cfg.name)
     # Prefixed: the HF callback adds the TrainingArguments (learning_rate, ...) as params of their
     # own, and an MLflow param cannot be logged twice with different values.
     params = {f"sft_ray.{k}": str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in _flat(config).items()}
@@ -136,6 +160,7 @@ def _start_mlflow(cfg: Config, config: dict, manifest: dict) -> None:
         mlflow.log_params(dict(items[i : i + MAX_PARAMS_TAGS_PER_BATCH]))
     mlflow.log_dict(config, "sft_ray_config.json")
     mlflow.log_dict(manifest, "data_manifest.json")
+    return run.info.run_id
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -213,6 +213,7 @@ def train_loop(loop_config: dict) -> dict:
     import ray.train
 
     from sft_ray.console import quiet_worker
+    from sft_ray.train import early_stop
 
     quiet_worker(loop_config.get("verbose", False))
     cfg = Config.model_validate(loop_config["config"])
@@ -227,16 +228,21 @@ def train_loop(loop_config: dict) -> dict:
         _local_dir(cfg.name, run_dir),
     )
     resume_dir = ray.train.get_checkpoint()
-    built = build_trainer(me, loop_config, resumed=resume_dir is not None)
-    before = _baseline_generations(me, built, resumed=resume_dir is not None)
-    result, start_step = train_or_resume(built.trainer, resume_dir)
-    if built.callback.interrupted:  # saved at this step and handed to Ray Train; final/ waits for the rerun
-        built.callback.upload_logs()
-        ray.train.report({"interrupted": 1, "step": built.trainer.state.global_step})
-        tracking.close(cfg, me.rank)  # the MLflow run ends as KILLED
-        _clean_scratch(me.output_dir)
-        return {"interrupted": True, "global_step": built.trainer.state.global_step}
-    summary = finish(me, built, loop_config["manifest"], before, result, start_step)
+    try:
+        built = build_trainer(me, loop_config, resumed=resume_dir is not None)
+        before = _baseline_generations(me, built, resumed=resume_dir is not None)
+        result, start_step = train_or_resume(built.trainer, resume_dir)
+        if built.callback.interrupted:  # saved at this step and handed to Ray Train; final/ waits for the rerun
+            built.callback.upload_logs()
+            ray.train.report({"interrupted": 1, "step": built.trainer.state.global_step})
+            tracking.close(cfg, me.rank)  # the MLflow run ends as KILLED
+            _clean_scratch(me.output_dir)
+            return {"interrupted": True, "global_step": built.trainer.state.global_step}
+        stopped = early_stop.keep_best(cfg, built.trainer, run_dir, me.output_dir, me.rank, me.world)
+        summary = finish(me, built, loop_config["manifest"], before, result, start_step, stopped)
+    except BaseException:
+        tracking.close(cfg, me.rank, failed=True)  # the tracker runs end as failed, not left running
+        raise
     tracking.close(cfg, me.rank, summary.get("final_dir"))  # final/ to MLflow; the runs end
     _clean_scratch(me.output_dir)
     return summary
@@ -259,11 +265,12 @@ def build_trainer(me: Worker, loop_config: dict, resumed: bool) -> Built:
     from sft_ray.train.callbacks import RunCallback, TokenCounter, count_packed_rows_in_num_tokens
     from sft_ray.train.collate import make_collator
     from sft_ray.train.compat import attn_implementation
+    from sft_ray.train.early_stop import EarlyStopping
     from sft_ray.train.final import stop_ids
     from sft_ray.train.shards import even_out, keep_own_share, load_share, rows_per_worker
 
     cfg = me.cfg
-    tracking.start(cfg, loop_config, me.rank)  # rank 0 opens the W&B / MLflow runs
+    tracking.start(cfg, loop_config, me.rank, me.run_dir, resumed)  # rank 0 opens the W&B / MLflow runs
     tb_dir = os.path.join(me.output_dir, "tensorboard") if "tensorboard" in cfg.train.report_to else None
     if tb_dir:
         os.environ["TENSORBOARD_LOGGING_DIR"] = tb_dir
@@ -316,6 +323,8 @@ def build_trainer(me: Worker, loop_config: dict, resumed: bool) -> Built:
     trainer.callback_handler.callbacks.insert(0, callback)
     if not loop_config.get("verbose", False):  # the driver prints progress (sft_ray/progress.py)
         trainer.remove_callback(PrinterCallback)
+    if cfg.train.early_stopping is not None:
+        trainer.add_callback(EarlyStopping(cfg.train.early_stopping.patience, cfg.train.early_stopping.min_delta))
     prompts = sample_prompts(eval_ds, cfg.train.samples) if eval_ds is not None else []
     return Built(trainer, tokenizer, callback, prompts, stop_ids(cfg, tokenizer), share)
 
@@ -332,8 +341,11 @@ def train_or_resume(trainer, checkpoint) -> tuple[object, int]:
         return trainer.train(resume_from_checkpoint=ckpt_dir), start_step
 
 
-def finish(me: Worker, built: Built, manifest: dict, before: dict, result, start_step: int) -> dict:
-    """The final evaluation and generations, final/ written whole by rank 0, the last report."""
+def finish(
+    me: Worker, built: Built, manifest: dict, before: dict, result, start_step: int, stopped: dict | None
+) -> dict:
+    """The final evaluation and generations, final/ written whole by rank 0, the last report.
+    `stopped`: what early stopping did (train/early_stop.py), kept in the summary."""
     import ray.train
 
     from sft_ray.train import fsdp
@@ -371,6 +383,7 @@ def finish(me: Worker, built: Built, manifest: dict, before: dict, result, start
                 start_step,
                 shares,
                 weights,
+                stopped,
             )
             built.callback.upload_logs()
     final_metrics = {"finished": 1, "step": trainer.state.global_step}
