@@ -1,4 +1,5 @@
-"""Training progress on the driver: one line per logged step, read from the run's metrics.jsonl.
+"""Progress on the driver: one line per logged training step, read from the run's metrics.jsonl,
+and rows done while the data is prepared (`Preparation`).
 
 Rank 0 rewrites `<run>/metrics.jsonl` at every log (train/callbacks.py), in shared storage, so the
 driver can follow a run wherever its workers are: locally, on a cluster (`ray job logs` shows the
@@ -18,6 +19,7 @@ from sft_ray import storage
 from sft_ray.report import short
 
 POLL_S = 2.0
+PREP_EVERY_S = 5.0  # a preparation shorter than this prints no progress; a longer one, a line this often
 CLOCK_SKEW_S = 5.0  # rank 0's clock (it stamps the records) may be a little behind the driver's
 
 
@@ -121,3 +123,35 @@ def follow(run_dir: str, total: int, start_step: int, out=None):
         if live and follower.first is not None:
             out.write("\n")
             out.flush()
+
+
+class Preparation:
+    """Rows done while the data is prepared, as the chunks (4 MiB of JSONL, a Parquet row group: one
+    Ray task each) finish: `preparing data: 312k rows of ~1.0M · 14/40 chunks (35%) · 24.1k rows/s ·
+    ETA 0:26`. The total is estimated from the chunks done until all are. Silent for the first
+    PREP_EVERY_S seconds, then a line at most that often, and the last one when it took longer."""
+
+    def __init__(self, chunks: int, out=None, clock=time.monotonic):
+        self.chunks, self.out, self.clock = chunks, out or sys.stdout, clock
+        self.start = self.shown = clock()
+        self.done = self.rows = 0
+
+    def line(self) -> str:
+        elapsed = max(self.clock() - self.start, 1e-9)
+        total = self.rows if self.done == self.chunks else round(self.rows * self.chunks / max(self.done, 1))
+        parts = [f"preparing data: {short(self.rows)} rows of {'' if self.done == self.chunks else '~'}{short(total)}"]
+        parts.append(f"{self.done}/{self.chunks} chunks ({self.done / self.chunks:.0%})")
+        parts.append(f"{short(self.rows / elapsed)} rows/s")
+        if self.done < self.chunks:
+            parts.append(f"ETA {_clock(elapsed / max(self.done, 1) * (self.chunks - self.done))}")
+        return " · ".join(parts)
+
+    def chunk_done(self, rows: int) -> None:
+        self.done += 1
+        self.rows += rows
+        now = self.clock()
+        last = self.done == self.chunks
+        if now - self.start >= PREP_EVERY_S and (last or now - self.shown >= PREP_EVERY_S):
+            self.shown = now
+            self.out.write(self.line() + "\n")
+            self.out.flush()

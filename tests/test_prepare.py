@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 
 import pytest
 from conftest import make_config, write_jsonl
@@ -66,7 +67,9 @@ def test_prepare_writes_parquet_and_manifest(tmp_path, tiny_model, tokenizer, ra
     assert hf.num_rows == 30 and hf[0]["input_ids"] == table["input_ids"][0].as_py()
 
 
-def test_every_source_kind_and_format_mixed_with_weights(tmp_path, tiny_model, tokenizer, ray_local):
+def test_every_source_kind_and_format_mixed_with_weights(
+    tmp_path, tiny_model, tokenizer, ray_local, monkeypatch, capsys
+):
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -92,8 +95,14 @@ def test_every_source_kind_and_format_mixed_with_weights(tmp_path, tiny_model, t
             {"path": str(tmp_path / "text.json"), "format": "text"},
         ],
     )
+    monkeypatch.setattr("sft_ray.progress.PREP_EVERY_S", 0.0)  # a line per chunk, however fast
     out, manifest = prepare(cfg)
     assert [s["rows_kept"] for s in manifest["sources"]] == [8, 6, 10, 4]
+    shown = [x for x in capsys.readouterr().out.splitlines() if x.startswith("preparing data: ")]
+    chunks = len(shown)
+    assert chunks >= 5  # one JSON array, two Parquet row groups, the saved dataset, one JSONL range
+    assert [int(re.search(r" (\d+)/(\d+) chunks", x).group(1)) for x in shown] == list(range(1, chunks + 1))
+    assert shown[-1].startswith(f"preparing data: 28 rows of 28 · {chunks}/{chunks} chunks (100%) · ")
     trained = _trained_texts(tokenizer, pq.read_table(f"{out}/train"))
     kept_alpaca = [t for t in trained if t.startswith("done")]
     assert 0 < len(kept_alpaca) < 8 and len(set(kept_alpaca)) == len(kept_alpaca)  # a seeded part, no repeats

@@ -5,7 +5,7 @@ import json
 import re
 import time
 
-from sft_ray.progress import Follower, follow, line
+from sft_ray.progress import Follower, Preparation, follow, line
 
 
 def _records(steps, t0=1000.0, per_step=2.0, eval_every=2):
@@ -76,3 +76,23 @@ def test_the_console_drops_library_noise_lines_and_keeps_the_rest():
     assert out.getvalue() == "prepared data: 1 rows spell a control token\nWARNING: storage.path is nearly full\n"
     stream.write("\r\x1b[2Kstep 1/4 (25%)")  # a live progress line goes out at once, without a newline
     assert out.getvalue().endswith("\r\x1b[2Kstep 1/4 (25%)")
+
+
+def test_preparation_is_silent_when_quick_and_counts_rows_when_slow():
+    """Lines only after PREP_EVERY_S (5 s), at most that often, the last one always; the total is
+    estimated from the chunks done (`~`) until every chunk is."""
+    now = [0.0]
+    out = io.StringIO()
+    prep = Preparation(4, out=out, clock=lambda: now[0])
+    for at, rows in ((1.0, 1000), (6.0, 1000), (8.0, 1000), (20.0, 500)):
+        now[0] = at
+        prep.chunk_done(rows)
+    assert out.getvalue().splitlines() == [
+        "preparing data: 2.0k rows of ~4.0k · 2/4 chunks (50%) · 333 rows/s · ETA 0:06",
+        "preparing data: 3.5k rows of 3.5k · 4/4 chunks (100%) · 175 rows/s",
+    ]
+    quick = io.StringIO()
+    fast = Preparation(2, out=quick, clock=lambda: 0.5)
+    fast.chunk_done(10)
+    fast.chunk_done(10)
+    assert quick.getvalue() == ""

@@ -52,6 +52,7 @@ def _run(cfg: Config, out_dir: str, tokenizer) -> dict:
 
     from sft_ray.chat_format import template_text
     from sft_ray.data.write import PrepareChunks
+    from sft_ray.progress import Preparation
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     source_specs = specs(cfg)
@@ -60,34 +61,34 @@ def _run(cfg: Config, out_dir: str, tokenizer) -> dict:
     remote = cfg.model.trust_remote_code
     d = cfg.data
     actors = max(1, min(len(items), int(ray.cluster_resources().get("CPU", 1))))
-    results = (
-        ray.data.from_items(items, override_num_blocks=len(items))
-        .map_batches(
-            PrepareChunks,
-            fn_constructor_kwargs={
-                "out_dir": out_dir,
-                "specs": source_specs,
-                "max_length": d.max_length,
-                "packing": d.packing,
-                "eval_fraction": d.eval_fraction,
-                "seed": d.seed,
-                "tokenizer": None if remote else tokenizer,
-                "model_path": cfg.model.path,
-                "trust_remote_code": remote,
-                "chat_template": template_text(d.chat_template),
-                "chat_template_kwargs": d.chat_template_kwargs,
-            },
-            batch_size=1,
-            batch_format="pyarrow",
-            # Half a CPU each: the pool fits where other work holds CPUs too.
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=0.5,
-        )
-        .take_all()
+    results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        PrepareChunks,
+        fn_constructor_kwargs={
+            "out_dir": out_dir,
+            "specs": source_specs,
+            "max_length": d.max_length,
+            "packing": d.packing,
+            "eval_fraction": d.eval_fraction,
+            "seed": d.seed,
+            "tokenizer": None if remote else tokenizer,
+            "model_path": cfg.model.path,
+            "trust_remote_code": remote,
+            "chat_template": template_text(d.chat_template),
+            "chat_template_kwargs": d.chat_template_kwargs,
+        },
+        batch_size=1,
+        batch_format="pyarrow",
+        # Half a CPU each: the pool fits where other work holds CPUs too.
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=0.5,
     )
+    shown, done = Preparation(len(items)), []
+    for r in results.iter_rows():  # as the chunks finish, in any order
+        done.append((r["index"], json.loads(r["counts"])))
+        shown.chunk_done(sum(read for read, _ in done[-1][1]["sources"]))
     counts = stats.new_counts(len(source_specs))
-    for r in sorted(results, key=lambda r: r["index"]):
-        stats.merge(counts, json.loads(r["counts"]))
+    for _, chunk_counts in sorted(done, key=lambda d: d[0]):
+        stats.merge(counts, chunk_counts)
     return stats.manifest(cfg, counts)
 
 
