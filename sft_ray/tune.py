@@ -21,6 +21,7 @@ import yaml
 
 from sft_ray import storage
 from sft_ray.config import Config, ConfigError, SearchDim, _set_dotted, validate
+from sft_ray.console import verbose
 from sft_ray.lease import Lease
 from sft_ray.train.checkpoints import SNAPSHOT
 
@@ -158,6 +159,49 @@ def _concurrency(cfg: Config) -> int:
     return fits
 
 
+def _trial_status(cfg: Config):
+    """A Tune callback that prints the trials' states whenever they change, `sweep: 2 running ·
+    1 finished · 1 stopped early · 0 errored · 0 waiting (4 trials)`, and a line for each trial
+    that ends, with its parameters and best eval loss. Counted from Tune's own list of trials at
+    each turn of its loop, so a resumed sweep counts the trials that ended before it too."""
+    from ray import tune
+
+    class TrialStatus(tune.Callback):
+        def __init__(self):
+            self.ended: dict[str, str] = {}
+            self.last: dict | None = None
+
+        def _ending(self, trial) -> str:
+            if trial.trial_id not in self.ended:
+                run_dir = storage.join(cfg.storage.path, trial_name(cfg.name, trial.trial_id))
+                if trial.status == "ERROR":
+                    kind = "errored"
+                elif storage.exists(storage.join(run_dir, "final", storage.COMPLETE)):
+                    kind = "finished"
+                else:  # ended by the scheduler (ASHA) before its last step
+                    kind = "stopped early"
+                self.ended[trial.trial_id] = kind
+                params = ", ".join(f"{k}={trial.config.get(k)}" for k in cfg.tune.space)
+                evals = _evaluations(run_dir, None)
+                best = f"best eval loss {min(evals.values()):.4f}" if evals else "no evaluation"
+                print(f"sweep: trial {trial.trial_id} {kind} ({params}): {best}", flush=True)
+            return self.ended[trial.trial_id]
+
+        def on_step_end(self, iteration, trials, **info):
+            counts = dict.fromkeys(("running", "finished", "stopped early", "errored", "waiting"), 0)
+            for trial in trials:
+                if trial.status in ("TERMINATED", "ERROR"):
+                    counts[self._ending(trial)] += 1
+                else:
+                    counts["running" if trial.status == "RUNNING" else "waiting"] += 1
+            if counts != self.last:
+                self.last = counts
+                shown = " · ".join(f"{n} {state}" for state, n in counts.items())
+                print(f"sweep: {shown} ({len(trials)} trials)", flush=True)
+
+    return TrialStatus()
+
+
 def _tuner(cfg: Config, trainable, sweep_dir: str):
     """A new sweep, or the interrupted one in `sweep_dir/tune` (finished trials are kept, the rest go on)."""
     from ray import tune
@@ -189,7 +233,10 @@ def _tuner(cfg: Config, trainable, sweep_dir: str):
             trial_name_creator=_trial_dirname,
             trial_dirname_creator=_trial_dirname,
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=sweep_dir, verbose=1),
+        # Tune's own status tables only with --verbose; _trial_status prints the trials' states.
+        run_config=tune.RunConfig(
+            name="tune", storage_path=sweep_dir, verbose=1 if verbose() else 0, callbacks=[_trial_status(cfg)]
+        ),
     )
 
 

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -105,6 +106,16 @@ def test_asha_sweep_stops_weak_trials_and_exports_the_best(tmp_path, tiny_model,
         assert by_lr[lr]["status"] == "stopped early" and by_lr[lr]["steps"] < 16, by_lr[lr]
     completed = [r for r in rows if r["status"] == "completed"]
     assert completed and all((sweep_dir / "trials" / r["trial_id"] / "final" / "COMPLETE").exists() for r in completed)
+    # The console follows the trials: their states as they change, and a line for each that ends.
+    states = [x for x in out.splitlines() if re.match(r"sweep: \d+ running · ", x)]
+    stopped = len(rows) - len(completed)
+    ended = f"{len(completed)} finished · {stopped} stopped early · 0 errored · 0 waiting (4 trials)"
+    assert states[-1] == f"sweep: 0 running · {ended}"
+    assert any(x.startswith("sweep: 2 running · ") for x in states)
+    for r in rows:
+        kind = "finished" if r["status"] == "completed" else r["status"]
+        lr = r["params"]["train.learning_rate"]
+        assert f"sweep: trial {r['trial_id']} {kind} (train.learning_rate={lr}): best eval loss " in out
     # Every evaluation reached Tune as it happened (a result per report), not only the last one.
     assert [s for s, _ in completed[0]["eval_loss_history"]] == list(range(2, 17, 2))
 
