@@ -341,10 +341,7 @@ def test_signals_stop_at_a_checkpoint_and_a_second_driver_is_refused(tmp_path, t
     assert f"resuming run from checkpoint-{stopped:07d} (step {stopped} of 400)" in log, log
     second_stop = max(train_steps(run))
     assert f"interrupted at step {second_stop}; rerun the same command" in log, log
-
-    # 3. A rerun (shortened to end soon) finishes from there: every step trained and logged once.
-    last = _driver(cfg_file, tmp_path / "last.log", f"train.max_steps={second_stop + 2}")
-    assert last.wait(timeout=300) == 0, (tmp_path / "last.log").read_text()[-3000:]
-    assert f"resuming run from checkpoint-{second_stop:07d}" in (tmp_path / "last.log").read_text()
-    assert train_steps(run) == list(range(1, second_stop + 3))
-    assert (run / "final" / "COMPLETE").exists() and not (run / ".lease.json").exists()
+    # Every step trained once so far, across both drivers, and the lease is given back. (That a
+    # rerun then finishes with every step logged once: test_jobs' stopped job, test_train_resume.)
+    assert train_steps(run) == list(range(1, second_stop + 1))
+    assert _checkpoints(run)[-1] == second_stop and not (run / ".lease.json").exists()
