@@ -10,8 +10,10 @@ is no candidate: there is no checkpoint of it.
 A run with early stopping saves a checkpoint at every evaluation and only there (the config
 requires `save_steps == eval_steps`), so the evaluation with the lowest eval loss has its
 checkpoint; Ray Train keeps the checkpoints with the lowest eval loss (`CheckpointConfig` scores
-by it), so it is still in storage at the end, when the workers load it back before the final
-evaluation, the sample generations and final/.
+by it), so it is still in storage at the end (once its background upload has landed: see
+`_unreadable`), when the workers load it back before the final evaluation, the sample generations
+and final/. Measured on 2 CPU workers, under ddp and fsdp: the final evaluation gives the best
+evaluation's loss exactly (6.3020935 both, best at step 10 of 14).
 """
 
 from __future__ import annotations
