@@ -249,7 +249,15 @@ def test_killed_sweep_resumes_unfinished_trials_from_their_checkpoints(tmp_path,
     first = _sweep_driver(cfg_file, tmp_path / "first.log")
     drivers.append(first)
     start, end = time.time(), time.time() + 400
-    while not (trials.exists() and any((t / "final" / "COMPLETE").exists() for t in trials.iterdir())):
+
+    def short_done_long_saved() -> bool:
+        # Steps take 0.1 s here and the long trial may start 2 s after the short one: wait for
+        # its first registered checkpoint too (a second or so, well inside Tune's ~10 s record).
+        ts = list(trials.iterdir()) if trials.exists() else []
+        done = [(t / "final" / "COMPLETE").exists() for t in ts]
+        return len(ts) == 2 and any(done) and all(d or _registered(t) for d, t in zip(done, ts))
+
+    while not short_done_long_saved():
         assert first.poll() is None and time.time() < end, (tmp_path / "first.log").read_text()[-4000:]
         time.sleep(0.2)
     killed_after = time.time() - start
