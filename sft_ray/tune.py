@@ -188,6 +188,12 @@ def _trial_status(cfg: Config):
             return self.ended[trial.trial_id]
 
         def on_step_end(self, iteration, trials, **info):
+            try:
+                self._show(trials)
+            except Exception as err:  # storage unreachable for a moment: a missed line, not a failed sweep
+                print(f"sweep: trial states not shown ({err!r})", flush=True)
+
+        def _show(self, trials):
             counts = dict.fromkeys(("running", "finished", "stopped early", "errored", "waiting"), 0)
             for trial in trials:
                 if trial.status in ("TERMINATED", "ERROR"):

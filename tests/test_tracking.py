@@ -196,8 +196,8 @@ def test_one_process_run_logs_every_step_config_manifest_and_adapter(tiny_model,
 
 
 def test_a_failed_attempt_ends_its_tracker_runs_as_failed(tiny_model, tmp_path, monkeypatch):
-    """train_loop closes the trackers with failed=True when the attempt raises: the MLflow run is
-    FAILED and the W&B run exits with 1, instead of both staying open as running."""
+    """An attempt that raises inside `closed_on_failure` ends its tracker runs as failed (MLflow
+    FAILED, W&B exit code 1) instead of leaving them open as running, and its error goes on."""
     from sft_ray.config import validate
     from sft_ray.train import tracking
 
@@ -214,9 +214,23 @@ def test_a_failed_attempt_ends_its_tracker_runs_as_failed(tiny_model, tmp_path, 
         }
     )
     tracking.start(cfg, {"manifest": {}, "tracker_env": env}, 0, str(tmp_path / "storage" / cfg.name), False)
-    tracking.close(cfg, rank=0, failed=True)
+    with pytest.raises(MemoryError, match="the attempt's own error"):
+        with tracking.closed_on_failure(cfg, rank=0):
+            raise MemoryError("the attempt's own error")
     assert mlflow_run(tmp_path, "failed-unit")[1].info.status == "FAILED"
     assert wandb_run(tmp_path / "wandb-dir")["exit_code"] == 1
+
+
+def test_the_worker_runs_its_attempt_inside_closed_on_failure():
+    """The wiring of the test above: train_loop's work, from building the trainer to final/, is
+    inside `tracking.closed_on_failure`."""
+    import inspect
+
+    from sft_ray.train import worker
+
+    source = inspect.getsource(worker.train_loop)
+    inside = source.split("with tracking.closed_on_failure(cfg, me.rank):")[1]
+    assert "build_trainer(" in inside and "finish(" in inside.split("tracking.close(cfg, me.rank, summary")[0]
 
 
 def test_report_to_accepts_wandb_and_names_the_run(tiny_model, tmp_path):

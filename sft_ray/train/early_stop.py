@@ -92,7 +92,7 @@ def keep_best(cfg: Config, trainer, run_dir: str, local_dir: str, rank: int, wor
     if best == state.global_step:
         return {**out, "line": summary_line(out)}
     uri = storage.join(run_dir, f"checkpoint-{best:07d}")
-    if note := _unreadable(uri, world, rank):
+    if note := _unreadable(run_dir, best, world, rank):
         out["kept_note"] = f"{note}: final/ holds step {state.global_step}"
         return {**out, "line": summary_line(out)}
     local = storage.download_dir(uri, os.path.join(local_dir, f"best-{rank}"), skip=_NOT_WEIGHTS)
@@ -104,19 +104,21 @@ def keep_best(cfg: Config, trainer, run_dir: str, local_dir: str, rank: int, wor
 UPLOAD_WAIT_S = 600.0
 
 
-def _unreadable(uri: str, world: int, rank: int) -> str | None:
-    """Why the checkpoint at `uri` cannot be loaded, or None. Rank 0 looks and all ranks follow
+def _unreadable(run_dir: str, step: int, world: int, rank: int) -> str | None:
+    """Why the checkpoint of `step` cannot be loaded, or None. Rank 0 looks and all ranks follow
     it: under fsdp the load is collective, and every rank must take the same way.
 
     Ray Train uploads checkpoints in the background, and on a busy machine they lag behind
     training (measured: two checkpoints behind on 2 CPUs), so rank 0 waits for it to be whole, up
-    to UPLOAD_WAIT_S."""
+    to UPLOAD_WAIT_S; not when Ray has registered a later checkpoint and not this one (it was
+    not kept)."""
     import time
 
     import torch.distributed as dist
 
     from sft_ray.train import checkpoints
 
+    uri = storage.join(run_dir, f"checkpoint-{step:07d}")
     box: list = [None]
     if rank == 0:
         start = time.monotonic()
@@ -125,6 +127,9 @@ def _unreadable(uri: str, world: int, rank: int) -> str | None:
                 checkpoints.verify(uri, world)
                 break
             except checkpoints.Damaged as err:
+                if _dropped(run_dir, step):
+                    box = [f"the best checkpoint (step {step}) was not kept by Ray Train ({err})"]
+                    break
                 if time.monotonic() - start > UPLOAD_WAIT_S:
                     box = [f"the best checkpoint cannot be read after {UPLOAD_WAIT_S:.0f} s ({err})"]
                     break
@@ -132,6 +137,20 @@ def _unreadable(uri: str, world: int, rank: int) -> str | None:
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _dropped(run_dir: str, step: int) -> bool:
+    """Ray Train's checkpoint list has a later checkpoint than `step` and not `step`'s: it was
+    uploaded and then not kept (Ray registers checkpoints in the order they were reported)."""
+    from sft_ray.train.checkpoints import SNAPSHOT
+
+    try:
+        snap = storage.read_json(storage.join(run_dir, SNAPSHOT))
+        names = {r["checkpoint_dir_name"] for r in snap["checkpoint_results"]}
+        latest = snap["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being rewritten
+        return False
+    return f"checkpoint-{step:07d}" not in names and int(latest.rsplit("-", 1)[1]) > step
 
 
 # A checkpoint's files that are not the model's weights: left in storage when the best is loaded.

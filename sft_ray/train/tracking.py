@@ -25,6 +25,7 @@ Imports of wandb and mlflow stay inside the functions: the driver imports this m
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -71,6 +72,8 @@ def driver_env(cfg: Config, environ=None) -> dict:
 
 
 TRACKERS = "trackers.json"  # in the run folder: the config and the tracker run ids it was logged under
+# While a reopened MLflow run keeps the HF callback's params off: the MLFLOW_MAX_LOG_PARAMS it replaced.
+_REOPENED = "SFT_RAY_MLFLOW_REOPENED"
 
 
 def start(cfg: Config, loop_config: dict, rank: int, run_dir: str, resumed: bool) -> None:
@@ -92,11 +95,32 @@ def start(cfg: Config, loop_config: dict, rank: int, run_dir: str, resumed: bool
     storage.write_json(uri, ids)
 
 
+@contextlib.contextmanager
+def closed_on_failure(cfg: Config, rank: int):
+    """Around an attempt's work on a worker: when it raises, rank 0 ends the tracker runs as failed
+    (MLflow FAILED, W&B exit code 1) instead of leaving them open as running, and the error goes on
+    unchanged. A worker process killed outright (SIGKILL, out of memory, a lost node) runs no code:
+    its MLflow run stays RUNNING until a restarted attempt reopens and ends it."""
+    try:
+        yield
+    except BaseException:
+        try:
+            close(cfg, rank, failed=True)
+        except Exception as err:  # the attempt's own error is the one to see
+            print(f"could not end the tracker runs as failed: {err!r}", flush=True)
+        raise
+
+
 def close(cfg: Config, rank: int, final_dir: str | None = None, failed: bool = False) -> None:
     """Rank 0, after `final/` is written (or after an interrupted attempt, with no `final_dir`):
     log the final folder to MLflow as the artifact `final/`, end both runs."""
     if rank != 0:
         return
+    previous = os.environ.pop(_REOPENED, None)  # set by _start_mlflow: the setting it replaced
+    if previous is not None:
+        os.environ.pop("MLFLOW_MAX_LOG_PARAMS", None)
+        if previous:
+            os.environ["MLFLOW_MAX_LOG_PARAMS"] = previous
     if "mlflow" in cfg.train.report_to:
         import mlflow
 
@@ -148,9 +172,16 @@ def _start_mlflow(cfg: Config, config: dict, manifest: dict, earlier: str | None
     if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
         mlflow.set_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
     if earlier:
-        # Its params are there; the HF callback's would differ (output_dir) and fail: it logs none.
-        os.environ["MLFLOW_MAX_LOG_PARAMS"] = "0"
-        return mlflow.start_run(run_id=earlier).info.run_id
+        try:
+            run_id = mlflow.start_run(run_id=earlier).info.run_id
+        except Exception as err:  # deleted, or another tracking server: a new run instead
+            print(f"MLflow run {earlier} cannot be reopened ({err}); starting a new one", flush=True)
+        else:
+            # Its params are there; the HF callback's would differ (output_dir) and fail: it logs
+            # none this attempt (close() takes the setting back).
+            os.environ[_REOPENED] = os.environ.get("MLFLOW_MAX_LOG_PARAMS", "")
+            os.environ["MLFLOW_MAX_LOG_PARAMS"] = "0"
+            return run_id
     run = mlflow.start_run(run_name=cfg.name)
     # Prefixed: the HF callback adds the TrainingArguments (learning_rate, ...) as params of their
     # own, and an MLflow param cannot be logged twice with different values.

@@ -228,7 +228,7 @@ def train_loop(loop_config: dict) -> dict:
         _local_dir(cfg.name, run_dir),
     )
     resume_dir = ray.train.get_checkpoint()
-    try:
+    with tracking.closed_on_failure(cfg, me.rank):  # an error ends the tracker runs as failed
         built = build_trainer(me, loop_config, resumed=resume_dir is not None)
         before = _baseline_generations(me, built, resumed=resume_dir is not None)
         result, start_step = train_or_resume(built.trainer, resume_dir)
@@ -240,9 +240,6 @@ def train_loop(loop_config: dict) -> dict:
             return {"interrupted": True, "global_step": built.trainer.state.global_step}
         stopped = early_stop.keep_best(cfg, built.trainer, run_dir, me.output_dir, me.rank, me.world)
         summary = finish(me, built, loop_config["manifest"], before, result, start_step, stopped)
-    except BaseException:
-        tracking.close(cfg, me.rank, failed=True)  # the tracker runs end as failed, not left running
-        raise
     tracking.close(cfg, me.rank, summary.get("final_dir"))  # final/ to MLflow; the runs end
     _clean_scratch(me.output_dir)
     return summary
