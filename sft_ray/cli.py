@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import get_args
 
 from sft_ray import storage
-from sft_ray.config import ConfigError, load_config
+from sft_ray.config import ConfigError, Format, load_config
 from sft_ray.console import quiet_driver
 from sft_ray.data.pipeline import DataError
 from sft_ray.lease import RunBusy
@@ -40,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="a hyperparameter sweep (the config's `tune` section): one Ray Train run per trial")
     _config_args(p)
 
+    p = sub.add_parser("eval", help="base against tuned: generate on held-out (and retention) sets with Ray Data")
+    _config_args(p)
+    p.add_argument("--data", help="a held-out file or folder to evaluate instead of the config's eval split")
+    p.add_argument("--format", default="instruction", choices=FORMATS, help="format of --data (default: instruction)")
+    p.add_argument(
+        "--retention", help="a set of general ability: flagged when the tuned model does worse than the base"
+    )
+    p.add_argument("--retention-format", default="instruction", choices=FORMATS, help="format of --retention")
+    p.add_argument("--checkpoint", choices=["final", "best", "latest"], default="final", help="the tuned weights")
+
     p = sub.add_parser("audit", help="show prepared rows with trained tokens highlighted, and the data report")
     _config_args(p)
     p.add_argument("--n", type=int, default=5, help="rows to show (default: 5)")
@@ -64,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FORMATS = list(get_args(Format))
 SHOWN_SAMPLES = 3
 
 
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "verbose", False):
         os.environ["SFT_RAY_VERBOSE"] = "1"
-    if args.command in ("prepare", "train", "tune"):
+    if args.command in ("prepare", "train", "tune", "eval"):
         quiet_driver()
     try:
         if args.command == "tiny-model":
@@ -164,6 +176,20 @@ def main(argv: list[str] | None = None) -> int:
             from sft_ray.train.driver import train
 
             _print_summary(train(cfg))
+        elif args.command == "eval":
+            from sft_ray.evaluation.run import EvalError, evaluate, format_summary
+
+            try:
+                summaries = evaluate(
+                    cfg, args.data, args.format, args.checkpoint, args.retention, args.retention_format
+                )
+            except EvalError as err:
+                print(f"sft-ray: {err}", file=sys.stderr)
+                return 1
+            for s in summaries:
+                print(format_summary(s))
+            where = storage.join(cfg.storage.path, cfg.name, "eval")
+            print(f"\nwritten to {where}/<set>/ (summary.json, examples.parquet, examples.jsonl)")
         elif args.command == "tune":
             from sft_ray.tune import SweepInterrupted, format_table, sweep
 

@@ -154,6 +154,20 @@ class ScalingConfig(_Strict):
     cpu_offload: bool = False  # fsdp on GPUs: sharded weights, gradients and optimizer state live in CPU memory
 
 
+class EvalConfig(_Strict):
+    """Generation on held-out prompts: `sft-ray eval` (sft_ray/evaluation/) and, when
+    `exact_match_rows` is set, the exact-match share measured at every evaluation during training."""
+
+    max_new_tokens: int = Field(128, gt=0)
+    temperature: float = Field(0.0, ge=0)  # 0: greedy; above 0: sampled, seeded by `seed`
+    seed: int = 0
+    batch_size: int = Field(16, gt=0)  # prompts per generate call (left-padded)
+    replicas: int | None = Field(None, gt=0)  # model replicas (generation actors); None: scaling.num_workers
+    # Held-out rows generated at every evaluation during training, logged as eval_exact_match
+    # (what tune.metric=exact_match ranks trials by); 0: none.
+    exact_match_rows: int = Field(0, ge=0)
+
+
 class StorageConfig(_Strict):
     path: str = "runs"  # local/NFS folder; relative paths resolve against the working directory
     keep_checkpoints: int = Field(2, gt=0)
@@ -188,13 +202,30 @@ class SchedulerConfig(_Strict):
 
 
 class SweepConfig(_Strict):
-    # Workers report eval_loss at every evaluation and at the end; it is the only metric every report carries.
-    metric: Literal["eval_loss"] = "eval_loss"
-    mode: Literal["min"] = "min"
+    # eval_loss: reported at every evaluation. exact_match: the share of eval.exact_match_rows held-out
+    # prompts answered with the reference exactly, generated at every evaluation.
+    metric: Literal["eval_loss", "exact_match"] = "eval_loss"
+    mode: Literal["min", "max"] | None = None  # follows from the metric: min for eval_loss, max for exact_match
     num_samples: int = Field(1, gt=0)
     max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster's CPUs/GPUs fit
     scheduler: SchedulerConfig = SchedulerConfig()
     space: dict[str, SearchDim] = Field(min_length=1)  # dotted config keys, as in command-line overrides
+
+    @model_validator(mode="after")
+    def _mode_of_metric(self):
+        want = "max" if self.metric == "exact_match" else "min"
+        if self.mode not in (None, want):
+            raise ValueError(
+                f"tune.mode: {self.metric} is better when {'higher' if want == 'max' else 'lower'}: "
+                f"set mode: {want}, or leave it out"
+            )
+        self.__dict__["mode"] = want  # not through validate_assignment: that would run this again
+        return self
+
+    @property
+    def reported(self) -> str:
+        """The key the workers report the metric under."""
+        return "eval_exact_match" if self.metric == "exact_match" else "eval_loss"
 
 
 class Config(_Strict):
@@ -207,6 +238,7 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     storage: StorageConfig = StorageConfig()
+    eval: EvalConfig = EvalConfig()
     tune: SweepConfig | None = None  # a hyperparameter sweep (`sft-ray tune`); ignored by `sft-ray train`
 
     @model_validator(mode="after")
@@ -236,6 +268,15 @@ class Config(_Strict):
             raise ValueError(
                 "train.early_stopping keeps the best evaluation's checkpoint, so every evaluation needs one: set "
                 f"train.save_steps equal to train.eval_steps (now {t.save_steps} and {t.eval_steps})"
+            )
+        if self.eval.exact_match_rows and not (self.data.eval or self.data.eval_fraction):
+            raise ValueError(
+                "eval.exact_match_rows generates held-out prompts: set data.eval (files) or data.eval_fraction"
+            )
+        if self.tune is not None and self.tune.metric == "exact_match" and not self.eval.exact_match_rows:
+            raise ValueError(
+                "tune.metric=exact_match ranks trials by answers generated at every evaluation: set "
+                "eval.exact_match_rows (held-out prompts per evaluation, e.g. 32)"
             )
         if s.cpu_offload and not s.use_gpu:
             raise ValueError("scaling.cpu_offload: the workers train on CPUs already (scaling.use_gpu=false)")

@@ -22,7 +22,7 @@ from sft_ray.train.checkpoints import SNAPSHOT, Damaged, checkpoint_metrics, fol
 
 _DTYPES = ("float32", "bfloat16", "float16")
 # Checkpoint files only a resumed run needs: not downloaded to merge.
-_RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "rng_state", "optimizer", storage.COMPLETE)
+RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "rng_state", "optimizer", storage.COMPLETE)
 
 
 def _registered(run: str) -> set[str] | None:
@@ -109,7 +109,7 @@ def merge(adapter_dir: str, out_dir: str, base_path: str | None = None, dtype: s
     """
     if not storage.is_local(str(adapter_dir)):
         with tempfile.TemporaryDirectory(prefix="sft-ray-adapter-") as tmp:
-            return _merge(storage.download_dir(str(adapter_dir), tmp, skip=_RESUME_ONLY), out_dir, base_path, dtype)
+            return _merge(storage.download_dir(str(adapter_dir), tmp, skip=RESUME_ONLY), out_dir, base_path, dtype)
     return _merge(adapter_dir, out_dir, base_path, dtype)
 
 

@@ -100,20 +100,20 @@ def _sample_formats(cfg: Config) -> set[str]:
     return {src.format for src in cfg.data.eval or cfg.data.train}
 
 
-def stop_ids(cfg: Config, tokenizer) -> list[int]:
+def stop_ids(cfg: Config, tokenizer, formats: set[str] | None = None) -> list[int]:
     """What a sample generation stops on: EOS, and the chat template's end of turn where chat rows
-    are sampled and it differs."""
-    chat = "messages" in _sample_formats(cfg)
+    are sampled and it differs. `formats`: of the prompts (default: the held-out rows')."""
+    chat = "messages" in (formats or _sample_formats(cfg))
     eot = end_of_turn_id(tokenizer, cfg.data.chat_template_kwargs) if chat else None
     return [tokenizer.eos_token_id] + ([eot] if eot is not None else [])
 
 
-def next_turn_markers(cfg: Config, tokenizer) -> list[str]:
+def next_turn_markers(cfg: Config, tokenizer, formats: set[str] | None = None) -> list[str]:
     """Where the next prompt starts in the held-out rows' formats (`### Question` for instruction,
     the template's user turn for messages; none for prompt_completion and text)."""
     from sft_ray.data.formats import NEXT_TURN
 
-    formats = _sample_formats(cfg)
+    formats = formats or _sample_formats(cfg)
     markers = {NEXT_TURN[f] for f in formats if f != "messages"} - {None}
     if "messages" in formats:
         markers.add(user_turn_opener(tokenizer, cfg.data.chat_template_kwargs))
