@@ -74,6 +74,7 @@ _CSS = """
 body { font: 15px/1.5 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
 h1 { font-size: 1.6em; margin-bottom: .2em; } .sub { color: #666; margin-top: 0; }
 h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+h3 { font-size: 1.05em; margin: 1.4em 0 .3em; } h4 { font-size: 1em; margin: 1em 0 .2em; }
 table { border-collapse: collapse; margin: .5em 0; }
 th, td { border: 1px solid #ddd; padding: .35em .7em; text-align: left; vertical-align: top; }
 th { background: #f5f5f5; font-weight: 600; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -204,6 +205,11 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0%}"
 
 
+def _num(x: float | None) -> str:
+    # A perplexity can be exp(700): past a trillion its size is all that matters.
+    return "n/a" if x is None else short(x) if abs(x) < 1e12 else "over 1000B"
+
+
 def clock(seconds: float | None) -> str | None:
     """3725.5 -> 1:02:05; 10.5 -> 10.5 s."""
     if seconds is None:
@@ -242,11 +248,12 @@ def _table(rows: list[tuple[str, str]]) -> str:
 # --- sections -------------------------------------------------------------------------------------
 
 
-def _change_row(what: str, before, after, fmt, lower_is_better: bool) -> str:
+def _change_row(what: str, before, after, fmt, lower_is_better: bool | None) -> str:
+    """`lower_is_better` None: a change without a direction (e.g. answer length), not coloured."""
     cls, delta = "", ""
     if before is not None and after is not None and after != before:
-        better = (after < before) == lower_is_better
-        cls = " better" if better else " worse"
+        if lower_is_better is not None:
+            cls = " better" if (after < before) == lower_is_better else " worse"
         if fmt is _pct:
             delta = f"{(after - before) * 100:+.0f} points"
         elif before:
@@ -378,11 +385,14 @@ def _finding_box(f: dict) -> str:
     return f"<div class='box {kind}'><b>{_esc(f['sign'].capitalize())}</b>{_esc(f['summary'])}{tries}</div>"
 
 
-def _top(findings: list[dict], warnings: list[str], missing: list[str]) -> str:
+def _top(findings: list[dict], warnings: list[str], missing: list[str], regressed: list[str]) -> str:
     parts = [_finding_box(f) for f in findings]
     if not findings:
         ok = "No warning sign in the loss curves</b>no overfitting, no stalled learning, no memorization."
         parts.insert(0, f"<div class='box ok'><b>{ok}</div>")
+    if regressed:
+        items = "".join(f"<li>{_esc(r)}</li>" for r in regressed)
+        parts.append(f"<div class='box warn'><b>Retention regressed (see Evaluation)</b><ul>{items}</ul></div>")
     if warnings:
         items = "".join(f"<li>{_esc(w)}</li>" for w in warnings)
         parts.append(f"<div class='box warn'><b>Data warnings</b><ul>{items}</ul></div>")
@@ -390,6 +400,92 @@ def _top(findings: list[dict], warnings: list[str], missing: list[str]) -> str:
         items = "".join(f"<li>Missing: {_esc(m)}</li>" for m in missing)
         parts.append(f"<div class='box warn'><b>Not there (yet)</b><ul>{items}</ul></div>")
     return "".join(parts)
+
+
+# `sft-ray eval` summary keys, in the order shown: label, format, lower is better (None: no direction).
+_EVAL_ROWS = (
+    ("exact_match", "exact match", _pct, False),
+    ("normalized_match", "normalized match", _pct, False),
+    ("contains", "reference contained", _pct, False),
+    ("turn_end", "turn-end adherence", _pct, False),
+    ("output_tokens", "output tokens (mean)", _num, None),
+    ("loss", "reference loss", _loss, True),
+    ("perplexity", "perplexity", _num, True),
+)
+_EVAL_SHOWN = 5  # of summary.json's most_different examples
+
+
+def _eval_sets(run: str) -> list[tuple[str, dict | None, str]]:
+    """(set name, summary or None, why not) for each `eval/<set>/summary.json`, by set name.
+
+    Only the summaries: a set's examples.parquet/.jsonl can be large and are for other tools."""
+    where = storage.join(run, "eval")
+    out = []
+    for name in _children(where):
+        try:
+            summary = _read_json(storage.join(where, name, "summary.json"))
+        except ValueError as err:  # bad JSON or bad UTF-8: the other sets still show
+            out.append((name, None, f"eval/{name}/summary.json could not be read ({err}): skipped."))
+            continue
+        if summary is None:
+            out.append((name, None, f"eval/{name}/summary.json is missing: skipped."))
+        elif not isinstance(summary, dict):
+            out.append((name, None, f"eval/{name}/summary.json is not a JSON object: skipped."))
+        else:
+            out.append((name, summary, ""))
+    return out
+
+
+def _regressed(sets: list[tuple[str, dict | None, str]]) -> list[str]:
+    return [f"{name}: {s.get('line', 'regressed')}" for name, s, _ in sets if s and s.get("regressed")]
+
+
+def _eval_examples(examples: list[dict]) -> str:
+    head = (
+        "<tr><th>prompt</th><th>reference answer</th><th>base output</th><th>tuned output</th>"
+        "<th>reference loss (base → tuned)</th></tr>"
+    )
+    cols = ("prompt", "reference", "base_output", "tuned_output")
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td>{_esc(e.get(c, ''))}</td>" for c in cols)
+        + f"<td>{_esc(_loss(e.get('base_loss')))} → {_esc(_loss(e.get('tuned_loss')))}</td></tr>"
+        for e in examples[:_EVAL_SHOWN]
+    )
+    return f"<table class=samples>{head}{body}</table>"
+
+
+def _eval_set(name: str, s: dict) -> str:
+    role = s.get("role")
+    words = [
+        "held out" if role == "held_out" else _words(str(role or "role not recorded")),
+        f"{s['examples']:,} examples" if isinstance(s.get("examples"), int) else None,
+        f"from {s['source']}" if s.get("source") else None,
+    ]
+    parts = [f"<h3>{_esc(name)} <small>({_esc(' · '.join(w for w in words if w))})</small></h3>"]
+    if s.get("regressed"):
+        parts.append(f"<div class='box warn'><b>Retention regressed</b>{_esc(s.get('line', ''))}</div>")
+    elif role == "retention":
+        parts.append(f"<div class='box ok'><b>Retention kept</b>{_esc(s.get('line', 'no regression'))}</div>")
+    base, tuned = s.get("base") or {}, s.get("tuned") or {}
+    rows = "".join(
+        _change_row(label, base.get(key), tuned.get(key), fmt, lower)
+        for key, label, fmt, lower in _EVAL_ROWS
+        if key in base or key in tuned
+    )
+    head = "<tr><th></th><th>base</th><th>tuned</th><th>change</th></tr>"
+    parts.append(f"<table class=change>{head}{rows}</table>" if rows else "<p>No metrics in this summary.</p>")
+    if examples := [e for e in s.get("most_different") or [] if isinstance(e, dict)]:
+        parts.append(f"<h4>Examples where base and tuned differ most</h4>{_eval_examples(examples)}")
+    return "".join(parts)
+
+
+def _eval_section(sets: list[tuple[str, dict | None, str]]) -> str:
+    """`sft-ray eval`'s sets, base against tuned; empty (no heading) for a run never evaluated."""
+    if not sets:
+        return ""
+    body = "".join(_eval_set(name, s) if s is not None else f"<p>{_esc(why)}</p>" for name, s, why in sets)
+    return f"<h2>Evaluation</h2>\n{body}\n"
 
 
 def _page(title: str, body: str) -> bytes:
@@ -466,6 +562,7 @@ def write_report(run_dir: str) -> Path | str:
     if series.get("epoch"):
         status += f" · epoch {series['epoch'][-1][1]:.2f}"
     n_samples = len((samples or {}).get("samples", []))
+    evals = _eval_sets(run)
     images = "".join(f'<img src="{p}" alt="{_esc(a)}">' for p, a in plots)
     images = f"<div class=plots>{images}</div>" if plots else "<p>No loss logged yet.</p>"
     config_html = (
@@ -479,10 +576,10 @@ def write_report(run_dir: str) -> Path | str:
     body = f"""<h1>Run {_esc(name)}</h1>
 <p class=sub>{_esc(run)} &middot; {_esc(status)}</p>
 {stopping_html}
-{_top(findings, _data_warnings(manifest), missing)}
+{_top(findings, _data_warnings(manifest), missing, _regressed(evals))}
 <h2>Before and after training</h2>
 {_before_after(summary, samples, n_samples)}
-<h2>Curves</h2>
+{_eval_section(evals)}<h2>Curves</h2>
 {images}
 <h2>The run</h2>
 {_run_table(summary, series)}

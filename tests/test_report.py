@@ -183,6 +183,83 @@ def test_empty_run_folder_still_renders(tmp_path):
     assert not (root / "report").exists()
 
 
+def _eval_summary(name: str, role: str, base: dict, tuned: dict, line: str = "no regression") -> dict:
+    """A summary.json as `sft-ray eval` writes it under RUN_DIR/eval/<set>/ (trimmed)."""
+    example = {
+        "index": 3,
+        "prompt": "<s>### Question\nIs it good?\n\n### Output\n",
+        "reference": "positive<|im_end|>",
+        "base_output": "merThet merThet",
+        "tuned_output": "positive<|im_end|>",
+        "base_exact_match": False,
+        "tuned_exact_match": True,
+        "base_loss": 6.84,
+        "tuned_loss": 4.07,
+    }
+    return {
+        "set": name,
+        "role": role,
+        "source": f"data/{name}.jsonl",
+        "examples": 60,
+        "base": base,
+        "tuned": tuned,
+        "most_different": [{**example, "index": i} for i in range(7)],
+        "regressions": [],
+        "regressed": line != "no regression",
+        "line": line,
+    }
+
+
+def _scores(share: float, loss: float) -> dict:
+    return {
+        **dict.fromkeys(("exact_match", "normalized_match", "contains", "turn_end"), share),
+        "output_tokens": 16.0,
+        "loss": loss,
+        "perplexity": 2.718281828**loss,
+    }
+
+
+def test_evaluation_section_shows_each_set_base_against_tuned(tmp_path):
+    build_run(tmp_path / "plain")
+    page = (write_report(str(tmp_path / "plain")) / "index.html").read_text()
+    assert "Evaluation" not in page  # never evaluated: no section, no error
+
+    run = tmp_path / "run"
+    build_run(run)
+    held_out = _eval_summary("heldout", "held_out", _scores(0.0, 6.621), _scores(1.0, 4.076))
+    kept = _eval_summary(
+        "alpaca", "retention", _scores(0.5, 6.6), _scores(0.5, 9.1), line="regressed by loss 6.6 -> 9.1 (+2.5)"
+    )
+    for summary in (held_out, kept):
+        (run / "eval" / summary["set"]).mkdir(parents=True)
+        (run / "eval" / summary["set"] / "summary.json").write_text(json.dumps(summary))
+    (run / "eval" / "heldout" / "examples.jsonl").write_text("not json, and never read\n")
+    (run / "eval" / "broken").mkdir()
+    (run / "eval" / "broken" / "summary.json").write_text('{"set": "bro')
+
+    page = (write_report(str(run)) / "index.html").read_text()
+    section = page[page.index("<h2>Evaluation</h2>") :]
+    # Sorted by set name: the skipped one named, the others with their role, size and source.
+    broken = section.index("eval/broken/summary.json could not be read")
+    assert section.index("<h3>alpaca") < broken < section.index("<h3>heldout")
+    assert "(held out · 60 examples · from data/heldout.jsonl)" in section
+    assert "(retention · 60 examples · from data/alpaca.jsonl)" in section
+    held = section[section.index("<h3>heldout") :]
+    assert _row(held, "exact match") == ["0%", "100%", "+100 points"]
+    assert _row(held, "turn-end adherence") == ["0%", "100%", "+100 points"]
+    assert _row(held, "reference loss") == ["6.62", "4.08", "-38%"]
+    assert _row(held, "output tokens (mean)") == ["16", "16", ""]
+    assert _row(section, "exact match") == ["50%", "50%", ""]  # alpaca's, first
+    # The regression: in its set and among the warnings at the top of the page.
+    assert "<b>Retention regressed</b>regressed by loss 6.6 -&gt; 9.1 (+2.5)" in section
+    top = page[: page.index("<table")]
+    assert "alpaca: regressed by loss 6.6 -&gt; 9.1 (+2.5)" in top
+    # Up to 5 examples each, special tokens shown as text.
+    assert held.count("Examples where base and tuned differ most") == 1
+    assert held.count("<td>merThet merThet</td>") == 5
+    assert "positive&lt;|im_end|&gt;" in held and "<|im_end|>" not in page
+
+
 def build_sweep(folder) -> None:
     """A sweep folder as `sft-ray tune` leaves it: trials/<id>/ run folders, results.json, best/."""
     histories = {
