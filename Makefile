@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CPU_TORCH ?= torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: install demo test test-fast lint format clean bench-data bench-train bench-scale bench-plan gpu-check gpu-wheels
+.PHONY: install demo test test-fast lint format clean bench-data bench-train bench-scale bench-plan bench-eval gpu-check gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -61,6 +61,10 @@ bench-scale: install
 # glibc's default allocator and with its mmap threshold fixed.
 bench-plan: install
 	$(PY) benchmarks/plan_bench.py $(ARGS)
+
+# `sft-ray eval`'s Ray Data pool vs a plain `model.generate` loop on runs/demo (`make demo` first): examples/s, ratio.
+bench-eval: install
+	$(PY) benchmarks/eval_bench.py $(ARGS)
 
 # The prepared check for a bare CUDA machine (README "GPU check"): installs from wheels/ offline, runs
 # the gpu tests and benchmarks/gpu_bench.py. No `install` prerequisite: it runs with the machine's own

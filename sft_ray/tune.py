@@ -113,7 +113,7 @@ def _param_space(cfg: Config) -> dict:
     return space
 
 
-def _run_trial(params: dict, tree: dict, prepared: str, manifest: dict) -> None:
+def _run_trial(params: dict, tree: dict, prepared: str, manifest: dict, score: tuple[str, str]) -> None:
     """One trial: a Ray Train run whose every report becomes a Tune result.
 
     Runs in the trial's Tune actor. When a scheduler stops the trial, this actor is killed and
@@ -127,15 +127,21 @@ def _run_trial(params: dict, tree: dict, prepared: str, manifest: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from sft_ray.train.driver import fit
-    from sft_ray.train.final import stored_config, stored_summary
+    from sft_ray.train.final import run_dir, stored_config, stored_summary
 
     cfg = trial_config(tree, trial_name(tree["name"], tune.get_context().get_trial_id()), params)
     done = stored_summary(cfg)
     if done is not None and stored_config(cfg) == cfg.model_dump(mode="json"):
         print(f"{cfg.name} finished before the sweep was interrupted; its results are kept", flush=True)
-        tune.report({"finished": 1, "step": done["global_step"], "eval_loss": done["eval_loss_after"]})
+        last = (
+            {}
+            if score[0] == "eval_loss"
+            else {score[0]: _evaluations(run_dir(cfg), None, score[0]).get(done["global_step"])}
+        )
+        tune.report({"finished": 1, "step": done["global_step"], "eval_loss": done["eval_loss_after"], **last})
         return
-    fit(cfg, prepared, manifest, worker_cpus=WORKER_CPUS, callbacks=[TuneReportCallback()], async_upload=False)
+    callbacks = [TuneReportCallback()]
+    fit(cfg, prepared, manifest, worker_cpus=WORKER_CPUS, callbacks=callbacks, async_upload=False, score=score)
 
 
 def _trial_dirname(trial) -> str:
@@ -182,8 +188,7 @@ def _trial_status(cfg: Config):
                     kind = "stopped early"
                 self.ended[trial.trial_id] = kind
                 params = ", ".join(f"{k}={trial.config.get(k)}" for k in cfg.tune.space)
-                evals = _evaluations(run_dir, None)
-                best = f"best eval loss {min(evals.values()):.4f}" if evals else "no evaluation"
+                best = _best_line(_evaluations(run_dir, None, cfg.tune.reported), cfg.tune)
                 print(f"sweep: trial {trial.trial_id} {kind} ({params}): {best}", flush=True)
             return self.ended[trial.trial_id]
 
@@ -206,6 +211,17 @@ def _trial_status(cfg: Config):
                 print(f"sweep: {shown} ({len(trials)} trials)", flush=True)
 
     return TrialStatus()
+
+
+def _best(values, mode: str):
+    return (max if mode == "max" else min)(values)
+
+
+def _best_line(evals: dict[int, float], t) -> str:
+    if not evals:
+        return "no evaluation"
+    best = _best(evals.values(), t.mode)
+    return f"best exact match {best:.0%}" if t.metric == "exact_match" else f"best eval loss {best:.4f}"
 
 
 def _tuner(cfg: Config, trainable, sweep_dir: str):
@@ -231,7 +247,7 @@ def _tuner(cfg: Config, trainable, sweep_dir: str):
         trainable,
         param_space=_param_space(cfg),
         tune_config=tune.TuneConfig(
-            metric=cfg.tune.metric,
+            metric=cfg.tune.reported,
             mode=cfg.tune.mode,
             scheduler=scheduler,
             num_samples=cfg.tune.num_samples,
@@ -250,8 +266,8 @@ def _number(x):
     return None if x is None or x != x else float(x)  # NaN (no value in that report) -> None
 
 
-def _evaluations(run_dir: str, upto: int | None) -> dict[int, float]:
-    """Eval loss per step, from the trial's metrics.jsonl (one line per step, across resumes).
+def _evaluations(run_dir: str, upto: int | None, key: str = "eval_loss") -> dict[int, float]:
+    """Eval loss (or the evaluations' `key`) per step, from the trial's metrics.jsonl (across resumes).
 
     Not from Tune's record: a trial that a rerun resumes starts a new one, without its reports from
     before the interruption. Step 0 (before training) was never a result; `upto`, Tune's last step
@@ -261,11 +277,11 @@ def _evaluations(run_dir: str, upto: int | None) -> dict[int, float]:
 
     if not storage.exists(storage.join(run_dir, "metrics.jsonl")):
         return {}
-    return {s: v for s, v in load_metrics(run_dir).get("eval_loss", []) if 0 < s <= (upto if upto is not None else s)}
+    return {s: v for s, v in load_metrics(run_dir).get(key, []) if 0 < s <= (upto if upto is not None else s)}
 
 
-def _checkpoints(run_dir: str, upto: int | None) -> list[tuple[float, str]]:
-    """(eval loss, folder) of the checkpoints Ray Train registered and kept, from its checkpoint list.
+def _checkpoints(run_dir: str, upto: int | None, key: str) -> list[tuple[float, str]]:
+    """(the metric `key`, folder) of the checkpoints Ray Train registered and kept, from its checkpoint list.
 
     Only registered ones: a folder the trial was still uploading when it was stopped is not one.
     """
@@ -274,7 +290,7 @@ def _checkpoints(run_dir: str, upto: int | None) -> list[tuple[float, str]]:
     except (OSError, ValueError):  # none yet, or left unreadable (repaired when the trial runs again)
         return []
     saved = [
-        (_number(r["metrics"].get("eval_loss")), storage.join(run_dir, r["checkpoint_dir_name"]))
+        (_number(r["metrics"].get(key)), storage.join(run_dir, r["checkpoint_dir_name"]))
         for r in snap.get("checkpoint_results", [])
         if upto is None or r["metrics"].get("step", 0) <= upto
     ]
@@ -288,6 +304,8 @@ def _row(result, cfg: Config) -> dict:
     last = result.metrics or {}
     upto = int(last["step"]) if _number(last.get("step")) is not None else None
     history = _evaluations(run_dir, upto)
+    t = cfg.tune
+    measured = history if t.reported == "eval_loss" else _evaluations(run_dir, upto, t.reported)
     if result.error is not None:
         status = "errored"
     elif storage.exists(storage.join(run_dir, "final", storage.COMPLETE)):
@@ -296,17 +314,22 @@ def _row(result, cfg: Config) -> dict:
         status = "stopped early"
     else:  # the sweep was interrupted before this trial ended (or started)
         status = "unfinished"
-    saved = _checkpoints(run_dir, upto)
-    checkpoint = storage.join(run_dir, "final") if status == "completed" else min(saved)[1] if saved else None
+    saved = _checkpoints(run_dir, upto, t.reported)
+    if status == "completed":
+        checkpoint = storage.join(run_dir, "final")
+    else:  # the best registered checkpoint by the sweep's metric
+        checkpoint = _best(saved, t.mode)[1] if saved else None
     return {
         "trial_id": trial_id,
         "params": {k: result.config.get(k) for k in cfg.tune.space},
         "best_eval_loss": min(history.values()) if history else None,
+        "metric": t.metric,
+        "best": _best(measured.values(), t.mode) if measured else None,  # by the sweep's metric
         "steps": max(history) if history else 0,
         "status": status,
         "eval_loss_history": sorted(history.items()),
         "last_report": {
-            k: last[k] for k in ("step", "eval_loss", "training_iteration", "checkpoint_path") if k in last
+            k: last[k] for k in ("step", "eval_loss", t.reported, "training_iteration", "checkpoint_path") if k in last
         },
         "run_dir": run_dir,
         "checkpoint": checkpoint,
@@ -318,13 +341,19 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _by_exact_match(rows: list[dict]) -> bool:
+    return bool(rows) and rows[0].get("metric") == "exact_match"
+
+
 def format_table(rows: list[dict]) -> str:
     keys = list(rows[0]["params"]) if rows else []
-    head = ["trial", *keys, "best eval_loss", "steps", "status"]
+    exact = _by_exact_match(rows)
+    head = ["trial", *keys, *(["best exact_match"] if exact else []), "best eval_loss", "steps", "status"]
     body = [
         [
             r["trial_id"],
             *(_fmt(v) for v in r["params"].values()),
+            *(["n/a" if r["best"] is None else f"{r['best']:.0%}"] if exact else []),
             "n/a" if r["best_eval_loss"] is None else f"{r['best_eval_loss']:.4f}",
             str(r["steps"]),
             r["status"],
@@ -339,10 +368,20 @@ def _csv(rows: list[dict]) -> bytes:
     keys = list(rows[0]["params"]) if rows else []
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["trial_id", *keys, "best_eval_loss", "steps", "status", "checkpoint"])
+    exact = _by_exact_match(rows)
+    writer.writerow(["trial_id", *keys, *(["best_exact_match"] if exact else []), "best_eval_loss", "steps", "status",
+                     "checkpoint"])  # fmt: skip
     for r in rows:
         writer.writerow(
-            [r["trial_id"], *r["params"].values(), r["best_eval_loss"], r["steps"], r["status"], r["checkpoint"]]
+            [
+                r["trial_id"],
+                *r["params"].values(),
+                *([r["best"]] if exact else []),
+                r["best_eval_loss"],
+                r["steps"],
+                r["status"],
+                r["checkpoint"],
+            ]  # fmt: skip
         )
     return out.getvalue().encode()
 
@@ -382,7 +421,10 @@ def _export_best(row: dict, cfg: Config, dest: str) -> None:
             yaml.safe_dump(trial.model_dump(mode="json"), f, sort_keys=False)
         storage.write_json(
             os.path.join(tmp, "trial.json"),
-            {k: row[k] for k in ("trial_id", "params", "best_eval_loss", "steps", "status", "checkpoint")},
+            {
+                k: row[k]
+                for k in ("trial_id", "params", "metric", "best", "best_eval_loss", "steps", "status", "checkpoint")
+            },
         )
         storage.publish_dir(tmp, dest)
 
@@ -407,7 +449,13 @@ def _sweep(cfg: Config, sweep_dir: str) -> dict:
     ensure_ray()
     prepared, manifest = prepare(cfg)
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, tree=cfg.model_dump(mode="json"), prepared=prepared, manifest=manifest),
+        tune.with_parameters(
+            _run_trial,
+            tree=cfg.model_dump(mode="json"),
+            prepared=prepared,
+            manifest=manifest,
+            score=(cfg.tune.reported, cfg.tune.mode),
+        ),
         {"CPU": TRIAL_FN_CPUS},
     )
     grid = _tuner(cfg, trainable, sweep_dir).fit()
@@ -418,8 +466,9 @@ def _sweep(cfg: Config, sweep_dir: str) -> dict:
             f"sweep {cfg.name} was interrupted with {len(unfinished)} trial(s) unfinished ({', '.join(unfinished)}); "
             "run the same command again to resume it"
         )
-    scored = [r for r in rows if r["checkpoint"] and r["best_eval_loss"] is not None]
-    best = min(scored, key=lambda r: r["best_eval_loss"]) if scored else None
+    scored = [r for r in rows if r["checkpoint"] and r["best"] is not None]
+    sign = -1 if cfg.tune.mode == "max" else 1
+    best = min(scored, key=lambda r: sign * r["best"]) if scored else None  # the first of equals
     if best:
         _export_best(best, cfg, storage.join(sweep_dir, "best"))
     results = {"sweep": cfg.name, "metric": cfg.tune.metric, "best_trial": best and best["trial_id"], "trials": rows}

@@ -76,14 +76,18 @@ SHOWN_KEYS = (
 )  # fmt: skip
 
 
-def regressions(base: dict, tuned: dict) -> list[dict]:
-    """Where the tuned model does worse than the base: any lower rate, or a reference loss more
-    than LOSS_TOLERANCE above the base's."""
-    out = [
-        {"metric": k, "base": base[k], "tuned": tuned[k], "by": base[k] - tuned[k]}
-        for k in RATES
-        if base[k] is not None and tuned[k] is not None and tuned[k] < base[k]
-    ]
+def regressions(base: dict, tuned: dict, n: int) -> list[dict]:
+    """Where the tuned model does worse than the base on `n` examples, beyond chance: a rate lower by
+    more than twice its standard error (two proportions, pooled), or a reference loss more than
+    LOSS_TOLERANCE above the base's. Two of sixteen answers lost is noise, not a regression."""
+    out = []
+    for k in RATES:
+        if base[k] is None or tuned[k] is None or not n:
+            continue
+        pooled = (base[k] + tuned[k]) / 2
+        noise = 2 * math.sqrt(pooled * (1 - pooled) * 2 / n)
+        if base[k] - tuned[k] > noise:
+            out.append({"metric": k, "base": base[k], "tuned": tuned[k], "by": base[k] - tuned[k]})
     if base["loss"] is not None and tuned["loss"] > base["loss"] * (1 + LOSS_TOLERANCE):
         out.append({"metric": "loss", "base": base["loss"], "tuned": tuned["loss"], "by": tuned["loss"] - base["loss"]})
     return out

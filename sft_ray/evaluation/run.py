@@ -216,7 +216,9 @@ class _Writer:
         if self.parquet is not None:
             self.parquet.close()
         summary = {**meta, "examples": self.totals.n, "replicas": sorted(self.replicas), **self.totals.summary()}
-        found = metrics.regressions(summary["base"], summary["tuned"]) if meta["role"] == "retention" else []
+        found = (
+            metrics.regressions(summary["base"], summary["tuned"], self.totals.n) if meta["role"] == "retention" else []
+        )
         summary.update(regressions=found, regressed=bool(found), line=metrics.describe(found))
         storage.write_json(os.path.join(self.folder, "summary.json"), summary)
         return summary

@@ -91,13 +91,15 @@ def fit(
     callbacks: list | None = None,
     async_upload: bool = True,
     progress: bool = False,
+    score: tuple[str, str] = ("eval_loss", "min"),
 ):
     """One Ray Train run on already prepared data; returns the Ray Train Result.
 
     A sweep calls it once per trial with the same prepared data, fewer CPUs per worker so that all
     concurrent trials fit, Tune's report callback, and synchronous uploads: then a worker's report
     waits until Tune has taken the one before, so a trial that ASHA stopped halts within a couple
-    of reports instead of training on while Tune shuts it down.
+    of reports instead of training on while Tune shuts it down. `score`: the reported metric (and
+    its better direction) by which Ray Train keeps the best checkpoints; a sweep's own metric.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -134,11 +136,11 @@ def fit(
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=cfg.storage.path,
-            # Keeps the best by eval loss; Ray always keeps the latest too, for resuming.
+            # Keeps the best by eval loss (a sweep: by its metric); Ray always keeps the latest too, for resuming.
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.storage.keep_checkpoints,
-                checkpoint_score_attribute="eval_loss" if has_eval else None,
-                checkpoint_score_order="min",
+                checkpoint_score_attribute=score[0] if has_eval else None,
+                checkpoint_score_order=score[1],
             ),
             failure_config=ray.train.FailureConfig(
                 max_failures=cfg.train.max_failures, controller_failure_limit=_placement_retries()

@@ -1,0 +1,133 @@
+"""`sft-ray eval` without Ray: examples cut from prepared rows, the metrics, and one model replica
+whose batched answers and reference losses are checked against the model's own unbatched
+`generate` and `labels=` loss."""
+
+import math
+
+import pytest
+
+from sft_ray.evaluation import examples, metrics
+
+IGNORE = -100
+
+
+def test_every_trained_span_is_an_example_after_the_true_tokens_before_it():
+    # A two-turn conversation: prompt, answer 1, the next user turn, answer 2, then a packed second example.
+    ids = [1, 10, 11, 20, 21, 12, 13, 22, 2, 1, 30, 40]
+    labels = [IGNORE, IGNORE, IGNORE, 20, 21, IGNORE, IGNORE, 22, 2, IGNORE, IGNORE, 40]
+    assert examples.spans(labels) == [(3, 5), (7, 9), (11, 12)]
+    unpacked = examples.of_row(ids, labels)
+    assert unpacked[:2] == [([1, 10, 11], [20, 21]), ([1, 10, 11, 20, 21, 12, 13], [22, 2])]
+    # Packed: the second example's prompt starts at its own first token, not the row's.
+    packed = examples.of_row(ids, labels, [9, 3])
+    assert packed == [([1, 10, 11], [20, 21]), ([1, 10, 11, 20, 21, 12, 13], [22, 2]), ([1, 30], [40])]
+    # A text row (every token trained) has no prompt to answer: no example.
+    assert examples.of_row([5, 6], [5, 6]) == []
+
+
+def test_metrics_of_an_answer():
+    assert metrics.normalize("  The  Pacific, Ocean!\n") == "the pacific ocean"
+    assert metrics.example("Paris", " Paris\n", True) == {
+        "exact_match": True, "normalized_match": True, "contains": True, "turn_end": True,
+    }  # fmt: skip
+    assert metrics.example("paris.", "Paris", False) == {
+        "exact_match": False, "normalized_match": True, "contains": True, "turn_end": False,
+    }  # fmt: skip
+    assert metrics.example("It is Paris, I think", "Paris", True)["contains"]
+    assert not metrics.example("anything", "", True)["contains"]  # an empty reference is in no answer
+
+
+def _row(i, base_exact, tuned_exact, base_loss, tuned_loss):
+    row = {"index": i, "prompt": "p", "reference": "r", "base_output": "b", "tuned_output": "t", "reference_tokens": 2}
+    for m, exact, loss in (("base", base_exact, base_loss), ("tuned", tuned_exact, tuned_loss)):
+        row.update({f"{m}_{k}": exact for k in metrics.RATES})
+        row.update({f"{m}_output_tokens": 3, f"{m}_loss": loss})
+    return row
+
+
+def test_totals_regressions_and_the_examples_that_differ_most():
+    t = metrics.Totals()
+    for i in range(20):
+        t.add(_row(i, base_exact=i < 10, tuned_exact=i < 2, base_loss=1.0, tuned_loss=1.0 + i / 10))
+    s = t.summary()
+    assert s["base"]["exact_match"] == 0.5 and s["tuned"]["exact_match"] == 0.1
+    assert s["tuned"]["loss"] == pytest.approx(1.95) and s["tuned"]["perplexity"] == pytest.approx(math.exp(1.95))
+    # Where exact match flipped first (8 of them), then by the loss difference.
+    assert [x["index"] for x in s["most_different"]] == [9, 8, 7, 6, 5, 4, 3, 2, 19, 18]
+    found = metrics.regressions(s["base"], s["tuned"], t.n)
+    assert {r["metric"] for r in found} == set(metrics.RATES) | {"loss"}
+    assert "exact match 50% -> 10% (-40 points)" in metrics.describe(found)
+
+    # Two of sixteen examples lost: within chance, not a regression.
+    small = {k: 2 / 16 for k in metrics.RATES} | {"loss": 6.61}
+    assert metrics.regressions(small, {k: 0.0 for k in metrics.RATES} | {"loss": 6.62}, 16) == []
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model, tmp_path_factory):
+    """A LoRA adapter with random non-zero B (an untrained one would equal the base)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("adapter")
+    peft.save_pretrained(out)
+    return out
+
+
+def test_a_replica_answers_in_batches_as_the_model_does_one_prompt_at_a_time(tmp_path, tiny_model, tokenizer, adapter):
+    """Left padding changes no answer and no loss: each equals the plain model's, for base and tuned."""
+    import pyarrow as pa
+    import torch
+    from conftest import make_config
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sft_ray.evaluation.replica import Replica
+
+    cfg = make_config(
+        tmp_path, tiny_model, tmp_path / "train.jsonl", tmp_path / "eval.jsonl", eval={"max_new_tokens": 12}
+    )
+    texts = ["### Question\nIs 4 even?\n\n### Output\n", "Hi", "### Question\nName a very long river in Africa.\n"]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    references = [tokenizer("yes")["input_ids"][1:] + [tokenizer.eos_token_id], [5, 6, 7], [9]]
+    ints = pa.list_(pa.int32())
+    batch = pa.table({
+        "set": ["eval"] * 3, "index": [0, 1, 2],
+        "prompt_ids": pa.array(prompts, ints), "reference_ids": pa.array(references, ints),
+    })  # fmt: skip
+    out = Replica(cfg.model_dump(mode="json"), str(adapter), {"eval": ["instruction"]})(batch).to_pylist()
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), adapter)
+    stops = [tokenizer.eos_token_id]
+    for which, model in (("base", base), ("tuned", tuned.eval())):
+        for row, prompt, reference in zip(out, prompts, references):
+            ids = torch.tensor([prompt])
+            with torch.no_grad():
+                alone = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=12,
+                    do_sample=False,
+                    eos_token_id=stops,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                new = alone[0, len(prompt) :].tolist()
+                new = new[: new.index(stops[0]) + 1] if stops[0] in new else new
+                seq = torch.tensor([prompt + reference])
+                labels = torch.tensor([[IGNORE] * len(prompt) + reference])
+                loss = model(input_ids=seq, labels=labels).loss.item()
+            # fmt: skip
+            assert row[f"{which}_output"] == tokenizer.decode(new), (which, row["index"])
+            assert row[f"{which}_output_tokens"] == len(new)
+            assert row[f"{which}_loss"] == pytest.approx(loss, rel=1e-4), (which, row["index"])
+    assert [r["base_output"] != r["tuned_output"] for r in out] == [True] * 3  # the adapter was on for tuned only
+    assert len({r["replica"] for r in out}) == 1 and out[1]["reference_tokens"] == 3
