@@ -97,3 +97,24 @@ def test_chatml_on_a_base_model_through_ray(tmp_path, ray_local):
                 generated = merged.generate(**ids, max_new_tokens=8, do_sample=False)
             reply = tokenizer.decode(generated[0, ids["input_ids"].shape[1] :])
             assert reply.endswith(IM_END) and (text == prompt or reply == IM_END), (text, reply)
+
+    # `sft-ray eval` on the same run and held-out chats, base against tuned on a pool of 2 replicas:
+    # the tuned model ends every turn with <|im_end|> and never runs on into a new user turn; the
+    # base (its new rows at the mean of the old ones, the adapter and its trained rows switched off) never does.
+    from sft_ray.evaluation.run import evaluate
+
+    cfg.eval.max_new_tokens = 8
+    (held_out,) = evaluate(cfg)
+    assert held_out["examples"] == 8 and len(held_out["replicas"]) == 2
+    assert held_out["base"]["turn_end"] == 0 and held_out["tuned"]["turn_end"] == 1
+    rows = [json.loads(x) for x in (run / "eval" / "eval" / "examples.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in rows) == list(range(8))
+    # The prompt is what the template renders for inference, and the reference is the trained reply.
+    for r in rows:
+        question = CHATS[r["index"]]["messages"][0]["content"]
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                                 tokenize=False)  # fmt: skip
+        assert r["prompt"] == rendered, r
+        assert r["reference"].startswith(CHATS[r["index"]]["messages"][1]["content"] + IM_END), r
+        assert r["tuned_output"].endswith(IM_END) and IM_START not in r["tuned_output"], r
+        assert r["tuned_turn_end"] and not r["base_turn_end"]

@@ -9,6 +9,7 @@ The driver never holds a set: rows are written and summed as they arrive.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -20,6 +21,8 @@ from sft_ray.config import Config, DatasetSource
 from sft_ray.console import verbose
 from sft_ray.evaluation import metrics
 from sft_ray.train.final import run_dir
+
+REPLICA_START_S = 900  # for every replica of the pool to load its model
 
 
 class EvalError(ValueError):
@@ -119,7 +122,7 @@ def _examples(sets: list[EvalSet]):
     return pa.concat_tables(tables)
 
 
-def _replicas(cfg: Config, batches: int) -> int:
+def _replicas(cfg: Config, examples: int) -> int:
     import ray
 
     want = cfg.eval.replicas or cfg.scaling.num_workers
@@ -127,7 +130,7 @@ def _replicas(cfg: Config, batches: int) -> int:
     have = int(ray.cluster_resources().get(kind, 0))
     if have < 1:
         raise EvalError(f"scaling.use_gpu={cfg.scaling.use_gpu}: this Ray has no {kind} for a model replica")
-    return max(1, min(want, batches, have))
+    return max(1, min(want, examples, have))
 
 
 def _run(cfg: Config, tuned: str, sets: list[EvalSet]) -> list[dict]:
@@ -137,9 +140,9 @@ def _run(cfg: Config, tuned: str, sets: list[EvalSet]) -> list[dict]:
     from sft_ray.evaluation.replica import Replica
 
     table = _examples(sets)
-    size = cfg.eval.batch_size
+    replicas = _replicas(cfg, table.num_rows)
+    size = min(cfg.eval.batch_size, math.ceil(table.num_rows / replicas))  # a small set still reaches every replica
     blocks = [table.slice(i, size) for i in range(0, table.num_rows, size)]
-    replicas = _replicas(cfg, len(blocks))
     print(
         f"eval: {table.num_rows} examples in {len(sets)} set(s) ({', '.join(s.name for s in sets)}), "
         f"base and tuned ({tuned}) on {replicas} model replica(s)",
@@ -147,6 +150,9 @@ def _run(cfg: Config, tuned: str, sets: list[EvalSet]) -> list[dict]:
     )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
+    # Every replica loads its model before the first batch goes out; otherwise the first one ready
+    # takes a small set whole. A pool the cluster cannot start fails (GetTimeoutError) instead of waiting for ever.
+    waited, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, REPLICA_START_S
     # From the driver's table, not read tasks: a read task asks for a whole CPU, which the replicas
     # may all hold (a hang on a cluster of one-CPU nodes).
     ds = ray.data.from_arrow(blocks).map_batches(
@@ -165,10 +171,18 @@ def _run(cfg: Config, tuned: str, sets: list[EvalSet]) -> list[dict]:
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="sft-ray-eval-") as tmp:
         out = {s.name: _Writer(os.path.join(tmp, s.name)) for s in sets}
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for name in set(batch.column("set").to_pylist()):
-                rows = batch.filter(pa.compute.equal(batch.column("set"), name))
-                out[name].add(rows)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for name in set(batch.column("set").to_pylist()):
+                    rows = batch.filter(pa.compute.equal(batch.column("set"), name))
+                    out[name].add(rows)
+        except ray.exceptions.GetTimeoutError as err:
+            raise EvalError(
+                f"eval.replicas: {replicas} model replicas did not all start within {REPLICA_START_S} s ({err}); "
+                "lower eval.replicas or add nodes"
+            ) from None
+        finally:
+            ctx.wait_for_min_actors_s = waited
         seconds = time.time() - start
         summaries = []
         for s in sets:
