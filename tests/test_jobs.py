@@ -272,10 +272,12 @@ def _state(c: Cluster, kind: str, *filters: str) -> list[dict]:
     return json.loads(out[out.index("[") : out.rindex("]") + 1]) if "[" in out else []  # none: no JSON
 
 
-def _submit(c: Cluster, job: str, config: Path, *overrides: str, runtime_env: Path = RUNTIME_ENV) -> None:
+def _submit(
+    c: Cluster, job: str, config: Path, *overrides: str, runtime_env: Path = RUNTIME_ENV, script: str = "jobs/sft.py"
+) -> None:
     _ray(c, "job", "submit", "--address", c.address, "--submission-id", job, "--working-dir", str(REPO),
          "--runtime-env", str(runtime_env), "--no-wait",
-         "--", "python", "jobs/sft.py", "--config", str(config), *overrides)  # fmt: skip
+         "--", "python", script, "--config", str(config), *overrides)  # fmt: skip
 
 
 def _logs(c: Cluster, job: str) -> str:
@@ -464,7 +466,26 @@ def test_stopped_job_resumes_from_its_last_checkpoint(cluster, tiny_model):
     assert train_steps(run) == list(range(1, 151))
     assert json.loads((run / "final" / "metrics.json").read_text())["global_step"] == 150
     assert (run / "final" / "COMPLETE").exists()
-    _assert_no_secrets(cluster, ["resume-1", "resume-2"])
+
+    # The finished run evaluated as a job (jobs/eval.py): base against tuned on the demo's 60
+    # held-out rows (the config carves its eval rows from train, so they come with --data), on a
+    # pool of two model replicas, one per node.
+    _submit(cluster, "eval-1", config, "--data", "jobs/data/demo/eval.jsonl", args[0], "eval.max_new_tokens=16",
+            script="jobs/eval.py")  # fmt: skip
+    info = _wait_status(cluster, "eval-1", "SUCCEEDED", timeout=300)
+    assert "=== sft-ray eval: eval (60 examples, held out) ===" in _logs(cluster, "eval-1")
+    summary = json.loads((run / "eval" / "eval" / "summary.json").read_text())
+    assert summary["examples"] == 60 and summary["source"].endswith("jobs/data/demo/eval.jsonl")
+    assert summary["base"]["exact_match"] == 0 and summary["tuned"]["exact_match"] >= 0.9, summary
+    replicas = _state(cluster, "actors", "class_name=MapWorker(MapBatches(Replica))", f"job_id={info['job_id']}")
+    assert len(replicas) == 2 and len({a["node_id"] for a in replicas}) == 2, replicas
+    assert len(summary["replicas"]) == 2  # both answered
+    rows = [json.loads(x) for x in (run / "eval" / "eval" / "examples.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in rows) == list(range(60))
+    held_out = [json.loads(x) for x in (REPO / "jobs" / "data" / "demo" / "eval.jsonl").read_text().splitlines()]
+    assert all(r["reference"].startswith(held_out[r["index"]]["output"]) for r in rows)
+    assert all(held_out[r["index"]]["input"] in r["prompt"] for r in rows)
+    _assert_no_secrets(cluster, ["resume-1", "resume-2", "eval-1"])
 
 
 # ---------------------------------------------------------------- a node lost mid-run
