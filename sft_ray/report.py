@@ -23,6 +23,7 @@ from sft_ray.diagnose import diagnose
 SERIES = (
     "loss",
     "eval_loss",
+    "eval_exact_match",  # eval.exact_match_rows: the share of held-out answers that are exact, per evaluation
     "learning_rate",
     "epoch",
     "trained_tokens_per_s",

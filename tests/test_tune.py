@@ -20,14 +20,16 @@ from sft_ray.config import ConfigError, load_config
 
 ROWS = [{"question": f"Is {i} even?", "output": "yes" if i % 2 == 0 else "no"} for i in range(32)]
 GOOD, TERRIBLE = (5e-3, 3e-3), (1e-7, 1e-6)
+# By exact match: one answer to learn, at learning rates that learn it (and its end) within a few steps.
+YES, GOOD_FOR_YES = [{"question": f"Is {i} a number?", "output": "yes"} for i in range(32)], (2e-2, 1e-2)
 
 
-def _cfg(tmp_path, tiny_model, space, **train):
+def _cfg(tmp_path, tiny_model, space, metric="eval_loss", rows=ROWS, **train):
     return make_config(
         tmp_path,
         tiny_model,
-        write_jsonl(tmp_path / "train.jsonl", ROWS),
-        write_jsonl(tmp_path / "eval.jsonl", ROWS[:8]),
+        write_jsonl(tmp_path / "train.jsonl", rows),
+        write_jsonl(tmp_path / "eval.jsonl", rows[:8]),
         name="sweep",
         lora={"dropout": 0.0},
         # 2 epochs x 32 rows / 4 = 16 steps; an evaluation (and a checkpoint) every 2: 8 reports, then the
@@ -44,7 +46,9 @@ def _cfg(tmp_path, tiny_model, space, **train):
         },
         scaling={"num_workers": 1},
         storage={"keep_checkpoints": 1},
+        eval={"exact_match_rows": 8 if metric == "exact_match" else 0},
         tune={
+            "metric": metric,
             "num_samples": 1,
             "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
             "space": space,
@@ -78,7 +82,9 @@ def test_space_is_checked_before_anything_runs(tmp_path, tiny_model, monkeypatch
 
 
 @pytest.mark.slow
-def test_asha_sweep_stops_weak_trials_and_exports_the_best(tmp_path, tiny_model, ray_local, capfd):
+def test_asha_sweep_by_exact_match_stops_weak_trials_and_exports_the_best(tmp_path, tiny_model, ray_local, capfd):
+    """Ranked by the answers themselves: at every evaluation each trial generates its 8 held-out
+    answers and reports the share that is exact (eval_exact_match); ASHA stops on it and best/ is chosen by it."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -88,7 +94,8 @@ def test_asha_sweep_stops_weak_trials_and_exports_the_best(tmp_path, tiny_model,
     # A grid keeps the trial order fixed: the two good learning rates start first (2 CPUs hold
     # 2 one-worker trials), so when a terrible one reaches its first evaluation, a better eval
     # loss is already recorded at that rung and ASHA stops it there.
-    cfg = _cfg(tmp_path, tiny_model, {"train.learning_rate": {"grid": [*GOOD, *TERRIBLE]}})
+    space = {"train.learning_rate": {"grid": [*GOOD_FOR_YES, *TERRIBLE]}}
+    cfg = _cfg(tmp_path, tiny_model, space, metric="exact_match", rows=YES)
     start = time.time()
     result = sweep(cfg)
     wall = time.time() - start
@@ -115,7 +122,7 @@ def test_asha_sweep_stops_weak_trials_and_exports_the_best(tmp_path, tiny_model,
     for r in rows:
         kind = "finished" if r["status"] == "completed" else r["status"]
         lr = r["params"]["train.learning_rate"]
-        assert f"sweep: trial {r['trial_id']} {kind} (train.learning_rate={lr}): best eval loss " in out
+        assert f"sweep: trial {r['trial_id']} {kind} (train.learning_rate={lr}): best exact match " in out
     # Every evaluation reached Tune as it happened (a result per report), not only the last one.
     assert [s for s, _ in completed[0]["eval_loss_history"]] == list(range(2, 17, 2))
 
@@ -132,11 +139,20 @@ def test_asha_sweep_stops_weak_trials_and_exports_the_best(tmp_path, tiny_model,
     assert len(list((tmp_path / "storage" / "datasets").iterdir())) == 1
     assert out.count("prepared data: ") == 1, [x for x in out.splitlines() if "prepared data" in x]
 
-    assert (sweep_dir / "results.csv").read_text().splitlines()[0].startswith("trial_id,train.learning_rate,")
+    head = "trial_id,train.learning_rate,best_exact_match,best_eval_loss,"
+    assert (sweep_dir / "results.csv").read_text().splitlines()[0].startswith(head)
     assert (sweep_dir / "eval_loss.png").stat().st_size > 1000
 
-    best_row = min(rows, key=lambda r: r["best_eval_loss"])
-    assert result["best_trial"] == best_row["trial_id"] and best_row["params"]["train.learning_rate"] in GOOD
+    # Each row's best is the highest exact-match share its evaluations logged; the weak trials answered nothing right.
+    for r in rows:
+        logged = [
+            json.loads(x) for x in (sweep_dir / "trials" / r["trial_id"] / "metrics.jsonl").read_text().splitlines()
+        ]
+        shares = [e["eval_exact_match"] for e in logged if "eval_exact_match" in e and e["step"] <= r["steps"]]
+        assert r["metric"] == "exact_match" and r["best"] == max(shares), (r, shares)
+    assert all(by_lr[lr]["best"] == 0 for lr in TERRIBLE) and all(by_lr[lr]["best"] > 0 for lr in GOOD_FOR_YES)
+    best_row = max(rows, key=lambda r: r["best"])
+    assert result["best_trial"] == best_row["trial_id"] and best_row["params"]["train.learning_rate"] in GOOD_FOR_YES
     best = sweep_dir / "best"
     trial_cfg = yaml.safe_load((best / "config.yaml").read_text())
     assert trial_cfg["train"]["learning_rate"] == best_row["params"]["train.learning_rate"]
