@@ -163,6 +163,7 @@ class EvalConfig(_Strict):
     seed: int = 0
     batch_size: int = Field(16, gt=0)  # prompts per generate call (left-padded)
     replicas: int | None = Field(None, gt=0)  # model replicas (generation actors); None: scaling.num_workers
+    engine: Literal["transformers", "vllm"] = "transformers"  # vllm: on GPUs, the `vllm` extra
     # Held-out rows generated at every evaluation during training, logged as eval_exact_match
     # (what tune.metric=exact_match ranks trials by); 0: none.
     exact_match_rows: int = Field(0, ge=0)
@@ -268,6 +269,18 @@ class Config(_Strict):
             raise ValueError(
                 "train.early_stopping keeps the best evaluation's checkpoint, so every evaluation needs one: set "
                 f"train.save_steps equal to train.eval_steps (now {t.save_steps} and {t.eval_steps})"
+            )
+        if self.eval.engine == "vllm" and not s.use_gpu:
+            raise ValueError("eval.engine=vllm runs on GPUs: set scaling.use_gpu=true, or eval.engine=transformers")
+        if self.eval.engine == "vllm" and self.lora is None:
+            raise ValueError(
+                "eval.engine=vllm serves the base with the adapter as a LoRA request; a fully fine-tuned model "
+                "(lora: null) is evaluated with eval.engine=transformers"
+            )
+        if self.eval.engine == "vllm" and self.data.chat_template == "chatml":
+            raise ValueError(
+                "eval.engine=vllm cannot serve the token rows ChatML trains next to the adapter (PEFT trainable "
+                "tokens): use eval.engine=transformers"
             )
         if self.eval.exact_match_rows and not (self.data.eval or self.data.eval_fraction):
             raise ValueError(

@@ -5,6 +5,7 @@ whose batched answers and reference losses are checked against the model's own u
 import math
 
 import pytest
+from conftest import make_config
 
 from sft_ray.evaluation import examples, metrics
 
@@ -86,7 +87,6 @@ def test_a_replica_answers_in_batches_as_the_model_does_one_prompt_at_a_time(tmp
     """Left padding changes no answer and no loss: each equals the plain model's, for base and tuned."""
     import pyarrow as pa
     import torch
-    from conftest import make_config
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -131,3 +131,47 @@ def test_a_replica_answers_in_batches_as_the_model_does_one_prompt_at_a_time(tmp
             assert row[f"{which}_loss"] == pytest.approx(loss, rel=1e-4), (which, row["index"])
     assert [r["base_output"] != r["tuned_output"] for r in out] == [True] * 3  # the adapter was on for tuned only
     assert len({r["replica"] for r in out}) == 1 and out[1]["reference_tokens"] == 3
+
+
+def test_configs_the_vllm_engine_cannot_serve_are_refused(tmp_path, tiny_model):
+    from sft_ray.config import ConfigError
+
+    def cfg(**sections):
+        return make_config(tmp_path, tiny_model, tmp_path / "train.jsonl", tmp_path / "eval.jsonl", **sections)
+
+    gpu = {"use_gpu": True, "num_workers": 1}
+    with pytest.raises(ConfigError, match="eval.engine=vllm runs on GPUs: set scaling.use_gpu=true"):
+        cfg(eval={"engine": "vllm"})
+    with pytest.raises(ConfigError, match=r"fully fine-tuned model \(lora: null\) is evaluated with eval.engine=trans"):
+        cfg(eval={"engine": "vllm"}, scaling=gpu, lora=None)
+    with pytest.raises(ConfigError, match="cannot serve the token rows ChatML trains"):
+        cfg(eval={"engine": "vllm"}, scaling=gpu, data={"chat_template": "chatml"})
+    assert cfg(eval={"engine": "vllm"}, scaling=gpu).eval.engine == "vllm"
+    with pytest.raises(ConfigError, match="tune.mode: exact_match is better when higher: set mode: max"):
+        cfg(tune={"metric": "exact_match", "mode": "min", "space": {"train.learning_rate": {"choice": [1e-3]}}},
+            eval={"exact_match_rows": 8})  # fmt: skip
+    with pytest.raises(ConfigError, match="tune.metric=exact_match ranks trials by answers generated at every eval"):
+        cfg(tune={"metric": "exact_match", "space": {"train.learning_rate": {"choice": [1e-3]}}})
+
+
+@pytest.mark.gpu
+def test_the_vllm_engine_answers_and_scores_as_the_transformers_one(tmp_path, tiny_model, tokenizer, adapter):
+    """Skipped where vllm is not installed (it is an extra: `pip install 'sft-ray[vllm]'`)."""
+    pytest.importorskip("vllm")
+    import pyarrow as pa
+
+    from sft_ray.evaluation.replica import Replica, VllmReplica
+
+    gpu, vllm = {"use_gpu": True, "num_workers": 1}, {"max_new_tokens": 12, "engine": "vllm"}
+    cfg = make_config(tmp_path, tiny_model, tmp_path / "train.jsonl", tmp_path / "eval.jsonl", eval=vllm, scaling=gpu)
+    prompts = [tokenizer(t)["input_ids"] for t in ("### Question\nIs 4 even?\n\n### Output\n", "Hi there")]
+    ints = pa.list_(pa.int32())
+    batch = pa.table({"set": ["eval"] * 2, "index": [0, 1], "prompt_ids": pa.array(prompts, ints),
+                      "reference_ids": pa.array([[5, 6], [7]], ints)})  # fmt: skip
+    config = cfg.model_dump(mode="json")
+    fast = VllmReplica(config, str(adapter), {"eval": ["instruction"]})(batch).to_pylist()
+    plain = Replica(config, str(adapter), {"eval": ["instruction"]})(batch).to_pylist()
+    for a, b in zip(fast, plain):
+        for which in ("base", "tuned"):
+            assert a[f"{which}_output"] == b[f"{which}_output"]
+            assert a[f"{which}_loss"] == pytest.approx(b[f"{which}_loss"], rel=1e-2)

@@ -137,7 +137,7 @@ def _run(cfg: Config, tuned: str, sets: list[EvalSet]) -> list[dict]:
     import pyarrow as pa
     import ray
 
-    from sft_ray.evaluation.replica import Replica
+    from sft_ray.evaluation.replica import Replica, VllmReplica
 
     table = _examples(sets)
     replicas = _replicas(cfg, table.num_rows)
@@ -156,7 +156,7 @@ def _run(cfg: Config, tuned: str, sets: list[EvalSet]) -> list[dict]:
     # From the driver's table, not read tasks: a read task asks for a whole CPU, which the replicas
     # may all hold (a hang on a cluster of one-CPU nodes).
     ds = ray.data.from_arrow(blocks).map_batches(
-        Replica,
+        VllmReplica if cfg.eval.engine == "vllm" else Replica,
         fn_constructor_kwargs={
             "config": cfg.model_dump(mode="json"),
             "tuned_dir": tuned,
