@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = {  # name: (label, torch threads, seconds, load seconds, Phase or None)
         "pool": (f"pool: {len(s['replicas'])} Ray Data replicas, summary['seconds']", f"{args.replicas}x1",
                  s["seconds"], None, None),
+        "pool_after_start": ("pool: after its first batch (replicas loaded)", f"{args.replicas}x1",
+                             s["seconds"] - s["start_seconds"], None, None),
         "pool_wall": ("pool: evaluate() wall (+preparation, writing)", f"{args.replicas}x1", wall.s, None, wall),
         "plain": ("plain: model.generate, one prompt at a time", threads, loop.s, plain["load_s"], loop),
         "batched_generate": (f"batched in-process (Replica), generate only, {bat['batches']} batches", threads,
@@ -184,7 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     }  # fmt: skip
     r = {k: {"seconds": v[2], "examples_per_s": n / v[2], "load_s": v[3]} for k, v in runs.items()}
     r["pool"]["examples_per_s"] = pool_eps = s["examples_per_second"]
+    r["pool_after_start"]["examples_per_s"] = s["examples_per_second_after_start"]
     r["ratio_pool_plain"] = pool_eps / r["plain"]["examples_per_s"]
+    r["ratio_pool_after_start_plain"] = s["examples_per_second_after_start"] / r["plain"]["examples_per_s"]
     r["ratio_pool_wall_plain_with_load"] = (loop.s + plain["load_s"]) / wall.s
     r["ratio_batched_plain"] = r["batched_generate"]["examples_per_s"] / r["plain"]["examples_per_s"]
     r["ratio_pool_batched_full"] = pool_eps / r["batched_full"]["examples_per_s"]
@@ -206,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         "cores busy meanwhile in this process and on the whole machine, more than this proc means other load)"
     )
     print(f"ratio (pool / plain loop): {r['ratio_pool_plain']:.1f}x")
+    print(f"ratio (pool after its first batch / plain loop): {r['ratio_pool_after_start_plain']:.1f}x")
     print(f"ratio (pool evaluate() wall / plain loop with its load): {r['ratio_pool_wall_plain_with_load']:.1f}x")
     print(
         f"batching alone (batched generate / plain loop): {r['ratio_batched_plain']:.1f}x; Ray parallelism on the "

@@ -168,11 +168,12 @@ def _run(cfg: Config, tuned: str, sets: list[EvalSet]) -> list[dict]:
         compute=ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=1),
         **({"num_gpus": 1} if cfg.scaling.use_gpu else {"num_cpus": 1}),
     )
-    start = time.time()
+    start, first = time.time(), None  # first: when the first batch came back, and its rows
     with tempfile.TemporaryDirectory(prefix="sft-ray-eval-") as tmp:
         out = {s.name: _Writer(os.path.join(tmp, s.name)) for s in sets}
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                first = first or (time.time(), batch.num_rows)
                 for name in set(batch.column("set").to_pylist()):
                     rows = batch.filter(pa.compute.equal(batch.column("set"), name))
                     out[name].add(rows)
@@ -183,16 +184,30 @@ def _run(cfg: Config, tuned: str, sets: list[EvalSet]) -> list[dict]:
             ) from None
         finally:
             ctx.wait_for_min_actors_s = waited
-        seconds = time.time() - start
+        timing = _timing(start, first, time.time(), table.num_rows)
         summaries = []
         for s in sets:
-            summary = out[s.name].close(_meta(cfg, s, tuned, seconds, table.num_rows))
+            summary = out[s.name].close(_meta(cfg, s, tuned, timing))
             storage.publish_dir(out[s.name].folder, storage.join(run_dir(cfg), "eval", s.name))
             summaries.append(summary)
     return summaries
 
 
-def _meta(cfg: Config, s: EvalSet, tuned: str, seconds: float, total: int) -> dict:
+def _timing(start: float, first: tuple[float, int] | None, end: float, total: int) -> dict:
+    """Of the whole pool, all sets together: `seconds` from the first batch asked for to the last,
+    `start_seconds` until the first came back (the replicas load their models first), and the rate
+    after it (what more examples would run at)."""
+    timing = {"seconds": round(end - start, 2), "examples_per_second": total / (end - start)}
+    if first is not None:
+        after = end - first[0]
+        timing.update(
+            start_seconds=round(first[0] - start, 2),
+            examples_per_second_after_start=(total - first[1]) / after if after > 0 and total > first[1] else None,
+        )
+    return timing
+
+
+def _meta(cfg: Config, s: EvalSet, tuned: str, timing: dict) -> dict:
     e = cfg.eval
     return {
         "set": s.name,
@@ -201,9 +216,13 @@ def _meta(cfg: Config, s: EvalSet, tuned: str, seconds: float, total: int) -> di
         "formats": s.formats,
         "base_model": cfg.model.path,
         "tuned": tuned,
-        "generation": {"max_new_tokens": e.max_new_tokens, "temperature": e.temperature, "seed": e.seed},
-        "seconds": round(seconds, 2),
-        "examples_per_second": total / seconds if seconds else None,  # of the whole pool, all sets together
+        "generation": {
+            "engine": e.engine,
+            "max_new_tokens": e.max_new_tokens,
+            "temperature": e.temperature,
+            "seed": e.seed,
+        },  # fmt: skip
+        **timing,
     }
 
 
