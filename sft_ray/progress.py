@@ -29,13 +29,16 @@ def _clock(seconds: float) -> str:
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
-def line(record: dict, total: int, eval_loss: float | None, eta_s: float | None) -> str:
-    """`step 50/150 (33%) · loss 4.27 · eval 4.27 · lr 2.0e-03 · 2.1k trained tok/s · ETA 0:42`."""
+def line(record: dict, total: int, eval_loss: float | None, eta_s: float | None, exact: float | None = None) -> str:
+    """`step 50/150 (33%) · loss 4.27 · eval 4.27 · exact 97% · lr 2.0e-03 · 2.1k trained tok/s · ETA 0:42`
+    (exact: eval_exact_match, with eval.exact_match_rows)."""
     step = record["step"]
     parts = [f"step {step}/{total} ({step / total:.0%})" if total else f"step {step}"]
     parts.append(f"loss {record['loss']:.4g}")
     if eval_loss is not None:
         parts.append(f"eval {eval_loss:.4g}")
+    if exact is not None:
+        parts.append(f"exact {exact:.0%}")
     if "learning_rate" in record:
         parts.append(f"lr {record['learning_rate']:.1e}")
     if record.get("trained_tokens_per_s"):
@@ -56,6 +59,7 @@ class Follower:
     def __init__(self, total: int, start_step: int, since: float = 0.0):
         self.total, self.last, self.since = total, start_step, since
         self.eval_loss: float | None = None
+        self.exact: float | None = None
         self.first: tuple[int, float] | None = None  # (step, time) of this attempt's first log
 
     def new_lines(self, records: list[dict]) -> list[str]:
@@ -64,6 +68,8 @@ class Follower:
             step = record.get("step", 0)
             if "eval_loss" in record:
                 self.eval_loss = record["eval_loss"]
+            if "eval_exact_match" in record:
+                self.exact = record["eval_exact_match"]
             if "loss" not in record or step <= self.last or record.get("time", 0.0) < self.since:
                 continue
             self.last = step
@@ -73,7 +79,7 @@ class Follower:
             elif step > self.first[0] and self.total:
                 per_step = (record.get("time", 0.0) - self.first[1]) / (step - self.first[0])
                 eta = per_step * (self.total - step)
-            out.append(line(record, self.total, self.eval_loss, eta))
+            out.append(line(record, self.total, self.eval_loss, eta, self.exact))
         return out
 
 

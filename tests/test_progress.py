@@ -52,6 +52,14 @@ def test_format_without_total_and_with_large_numbers():
     assert text == "step 1/4 (25%) · loss 2 · eval 1.5 · 2.3M trained tok/s · ETA 1:02:05"
 
 
+def test_the_exact_match_share_shows_once_an_evaluation_logged_it():
+    follower = Follower(total=4, start_step=0)
+    records = [{"step": 1, "loss": 3.0}, {"step": 2, "eval_loss": 2.5}, {"step": 2, "eval_exact_match": 0.375},
+               {"step": 2, "loss": 2.0}]  # fmt: skip
+    first, second = follower.new_lines(records)
+    assert "exact" not in first and second.startswith("step 2/4 (50%) · loss 2 · eval 2.5 · exact 38% · ")
+
+
 def test_follow_prints_what_the_run_writes_and_the_last_lines_at_the_end(tmp_path):
     out = io.StringIO()
     metrics = tmp_path / "metrics.jsonl"
