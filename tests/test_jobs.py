@@ -396,39 +396,12 @@ def test_runtime_env_is_valid_and_holds_no_secrets():
 
 
 @pytest.mark.slow
-def test_job_trains_on_two_nodes_into_shared_storage(cluster, tiny_model):
+def test_stopped_job_resumes_from_its_last_checkpoint(cluster, tiny_model):
+    """One demo run, stopped and resubmitted, then evaluated: a job on two nodes into shared storage,
+    its resume, its final/, and `sft-ray eval` as a job on the same cluster."""
     nodes = _state(cluster, "nodes", "state=ALIVE")
     assert len(nodes) == 2 and sum(n["is_head_node"] for n in nodes) == 1
     _assert_locked_down(cluster)
-
-    _submit(cluster, "demo-1", _config(cluster, tiny_model), "name=jobs-demo", "train.max_steps=6",
-            "train.save_steps=3", "train.eval_steps=3")  # fmt: skip
-    info = _wait_status(cluster, "demo-1", "SUCCEEDED", timeout=360)
-
-    # The two Ray Train workers of this job ran on the two nodes.
-    workers = _state(cluster, "actors", "class_name=RayTrainWorker", f"job_id={info['job_id']}")
-    assert len({w["node_id"] for w in workers}) == 2, workers
-    logs = _logs(cluster, "demo-1")
-    assert "=== sft-ray result ===" in logs and "steps 6," in logs
-
-    run = cluster.storage / "jobs-demo"
-    final = run / "final"
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.yaml", "metrics.json",
-            "COMPLETE"} <= {p.name for p in final.iterdir()}  # fmt: skip
-    resolved = yaml.safe_load((final / "config.yaml").read_text())
-    assert resolved["model"]["path"] == str(tiny_model) and resolved["train"]["max_steps"] == 6
-    assert Path(resolved["data"]["train"][0]["path"]).name == "train.jsonl"  # from the uploaded working dir
-    assert json.loads((final / "metrics.json").read_text())["global_step"] == 6
-    assert train_steps(run) == [1, 2, 3, 4, 5, 6]
-    assert "checkpoint-0000006" in {p.name for p in run.glob("checkpoint-*")}
-    assert CHECKPOINT_FILES <= {p.name for p in (run / "checkpoint-0000006").iterdir()}
-    assert list((cluster.storage / "datasets").glob("*/manifest.json"))
-    assert _latest_checkpoint(run) == "checkpoint-0000006"
-    _assert_no_secrets(cluster, ["demo-1"])
-
-
-@pytest.mark.slow
-def test_stopped_job_resumes_from_its_last_checkpoint(cluster, tiny_model):
     config = _config(cluster, tiny_model)
     args = ["name=jobs-resume", "train.max_steps=150", "train.save_steps=10", "train.eval_steps=50", "train.samples=0"]
     run = cluster.storage / "jobs-resume"
@@ -460,12 +433,25 @@ def test_stopped_job_resumes_from_its_last_checkpoint(cluster, tiny_model):
     assert stopped in _logs(cluster, "resume-1"), _logs(cluster, "resume-1")[-3000:]
 
     _submit(cluster, "resume-2", config, *args)
-    _wait_status(cluster, "resume-2", "SUCCEEDED", timeout=360)
-    assert f"resuming jobs-resume from {resume_from} (step {step} of 150)" in _logs(cluster, "resume-2")
+    info = _wait_status(cluster, "resume-2", "SUCCEEDED", timeout=360)
+    logs = _logs(cluster, "resume-2")
+    assert f"resuming jobs-resume from {resume_from} (step {step} of 150)" in logs
+    assert "=== sft-ray result ===" in logs and "steps 150," in logs
+    # The two Ray Train workers of this job ran on the two nodes.
+    workers = _state(cluster, "actors", "class_name=RayTrainWorker", f"job_id={info['job_id']}")
+    assert len({w["node_id"] for w in workers}) == 2, workers
     # The rerun continued right after that checkpoint, ended at max_steps, and logged each step once.
     assert train_steps(run) == list(range(1, 151))
-    assert json.loads((run / "final" / "metrics.json").read_text())["global_step"] == 150
-    assert (run / "final" / "COMPLETE").exists()
+    final = run / "final"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.yaml", "metrics.json",
+            "COMPLETE"} <= {p.name for p in final.iterdir()}  # fmt: skip
+    assert json.loads((final / "metrics.json").read_text())["global_step"] == 150
+    resolved = yaml.safe_load((final / "config.yaml").read_text())
+    assert resolved["model"]["path"] == str(tiny_model) and resolved["train"]["max_steps"] == 150
+    assert Path(resolved["data"]["train"][0]["path"]).name == "train.jsonl"  # from the uploaded working dir
+    assert CHECKPOINT_FILES <= {p.name for p in (run / "checkpoint-0000150").iterdir()}
+    assert _latest_checkpoint(run) == "checkpoint-0000150"
+    assert list((cluster.storage / "datasets").glob("*/manifest.json"))
 
     # The finished run evaluated as a job (jobs/eval.py): base against tuned on the demo's 60
     # held-out rows (the config carves its eval rows from train, so they come with --data), on a

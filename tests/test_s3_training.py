@@ -117,3 +117,19 @@ def test_train_on_s3_then_resume_from_the_bucket(tmp_path, tiny_model, s3_bucket
     assert final_metrics["global_step"] == 8
     assert "final/COMPLETE" in run
     assert not Path("s3:").exists()
+
+    # 3. `sft-ray eval` of the run in the bucket, on its best checkpoint: each replica downloads it
+    # (not its optimizer state), and the rows and summary land in the bucket, whole. The tuned
+    # reference loss is the eval loss the trainer logged for that checkpoint's weights.
+    from sft_ray.evaluation.run import evaluate
+    from sft_ray.train.checkpoints import checkpoint_metrics
+
+    cfg = _cfg(tmp_path, tiny_model, s3_bucket, epochs=2)
+    cfg.eval.max_new_tokens = 4
+    (summary,) = evaluate(cfg, checkpoint="best")
+    assert summary["tuned_weights"].startswith(f"s3://{s3_bucket}/runs/s3run/checkpoint-") and summary["examples"] == 8
+    logged = checkpoint_metrics(summary["tuned_weights"])["eval_loss"]
+    assert summary["tuned"]["loss"] == pytest.approx(logged, rel=2e-2), (summary["tuned"], logged)
+    run = _objects(s3, s3_bucket, "runs/s3run/eval/eval/")
+    assert {"summary.json", "examples.parquet", "examples.jsonl", "COMPLETE"} <= set(run), sorted(run)
+    assert not (tmp_path / "storage").exists() and not Path("s3:").exists()

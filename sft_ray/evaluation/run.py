@@ -215,7 +215,7 @@ def _meta(cfg: Config, s: EvalSet, tuned: str, timing: dict) -> dict:
         "source": s.source,
         "formats": s.formats,
         "base_model": cfg.model.path,
-        "tuned": tuned,
+        "tuned_weights": tuned,  # the folder the tuned answers came from
         "generation": {
             "engine": e.engine,
             "max_new_tokens": e.max_new_tokens,
