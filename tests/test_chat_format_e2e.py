@@ -98,14 +98,14 @@ def test_chatml_on_a_base_model_through_ray(tmp_path, ray_local):
             reply = tokenizer.decode(generated[0, ids["input_ids"].shape[1] :])
             assert reply.endswith(IM_END) and (text == prompt or reply == IM_END), (text, reply)
 
-    # `sft-ray eval` on the same run and held-out chats, base against tuned on a pool of 2 replicas:
+    # `sft-ray eval` on the same run and held-out chats, base against tuned on one replica:
     # the tuned model ends every turn with <|im_end|> and never runs on into a new user turn; the
     # base (its new rows at the mean of the old ones, the adapter and its trained rows switched off) never does.
     from sft_ray.evaluation.run import evaluate
 
-    cfg.eval.max_new_tokens = 8
+    cfg.eval.max_new_tokens, cfg.eval.replicas = 8, 1  # two replicas: test_jobs
     (held_out,) = evaluate(cfg)
-    assert held_out["examples"] == 8 and len(held_out["replicas"]) == 2
+    assert held_out["examples"] == 8 and len(held_out["replicas"]) == 1
     assert held_out["base"]["turn_end"] == 0 and held_out["tuned"]["turn_end"] == 1
     rows = [json.loads(x) for x in (run / "eval" / "eval" / "examples.jsonl").read_text().splitlines()]
     assert sorted(r["index"] for r in rows) == list(range(8))
