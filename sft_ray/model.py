@@ -74,6 +74,29 @@ def fit_embeddings(model, tokenizer) -> None:
         model.generation_config.eos_token_id = [tokenizer.eos_token_id, *stops]
 
 
+def plain_generation(max_new_tokens: int, temperature: float, pad_id: int, stops: list[int]):
+    """Greedy (temperature 0) or plain temperature sampling, whatever the model's own generation
+    config says: transformers fills every setting left unset from it, so a repetition penalty or
+    top-p/top-k shipped with the model (Qwen2.5-Instruct: 1.05, top_k 20, top_p 0.8) would act
+    on "greedy" answers too. Each is set to its neutral value instead."""
+    from transformers import GenerationConfig
+
+    sampled = temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_length=0,
+        do_sample=sampled,
+        temperature=temperature if sampled else 1.0,
+        top_p=1.0,
+        top_k=0,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        pad_token_id=pad_id,
+        eos_token_id=stops,
+    )
+
+
 def _dtype(name: str):
     import torch
 

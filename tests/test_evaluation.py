@@ -2,6 +2,7 @@
 whose batched answers and reference losses are checked against the model's own unbatched
 `generate` and `labels=` loss."""
 
+import json
 import math
 
 import pytest
@@ -83,8 +84,24 @@ def adapter(tiny_model, tmp_path_factory):
     return out
 
 
+def _greedy(model, prompt: list[int], n: int, stop: int) -> list[int]:
+    """Greedy by hand: the argmax of every next-token distribution, nothing else."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    for _ in range(n):
+        ids = torch.cat([ids, model(input_ids=ids).logits[0, -1].argmax().view(1, 1)], 1)
+        if ids[0, -1] == stop:
+            break
+    return ids[0, len(prompt) :].tolist()
+
+
 def test_a_replica_answers_in_batches_as_the_model_does_one_prompt_at_a_time(tmp_path, tiny_model, tokenizer, adapter):
-    """Left padding changes no answer and no loss: each equals the plain model's, for base and tuned."""
+    """Left padding changes no answer and no loss: each equals the plain model's, for base and tuned.
+    Greedy is greedy: the model ships a repetition penalty and top-k/top-p, as Qwen2.5-Instruct
+    does, and the answers are still the argmax ones (the first two prompts repeat tokens)."""
+    import shutil
+
     import pyarrow as pa
     import torch
     from peft import PeftModel
@@ -92,9 +109,12 @@ def test_a_replica_answers_in_batches_as_the_model_does_one_prompt_at_a_time(tmp
 
     from sft_ray.evaluation.replica import Replica
 
-    cfg = make_config(
-        tmp_path, tiny_model, tmp_path / "train.jsonl", tmp_path / "eval.jsonl", eval={"max_new_tokens": 12}
-    )
+    shipped = tmp_path / "model"
+    shutil.copytree(tiny_model, shipped)
+    settings = json.loads((shipped / "generation_config.json").read_text())
+    settings.update(repetition_penalty=50.0, no_repeat_ngram_size=2, top_k=3, top_p=0.5, do_sample=True)
+    (shipped / "generation_config.json").write_text(json.dumps(settings))
+    cfg = make_config(tmp_path, shipped, tmp_path / "train.jsonl", tmp_path / "eval.jsonl", eval={"max_new_tokens": 12})
     texts = ["### Question\nIs 4 even?\n\n### Output\n", "Hi", "### Question\nName a very long river in Africa.\n"]
     prompts = [tokenizer(t)["input_ids"] for t in texts]
     references = [tokenizer("yes")["input_ids"][1:] + [tokenizer.eos_token_id], [5, 6, 7], [9]]
@@ -107,28 +127,17 @@ def test_a_replica_answers_in_batches_as_the_model_does_one_prompt_at_a_time(tmp
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), adapter)
-    stops = [tokenizer.eos_token_id]
     for which, model in (("base", base), ("tuned", tuned.eval())):
         for row, prompt, reference in zip(out, prompts, references):
-            ids = torch.tensor([prompt])
             with torch.no_grad():
-                alone = model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=12,
-                    do_sample=False,
-                    eos_token_id=stops,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                new = alone[0, len(prompt) :].tolist()
-                new = new[: new.index(stops[0]) + 1] if stops[0] in new else new
+                new = _greedy(model, prompt, 12, tokenizer.eos_token_id)
                 seq = torch.tensor([prompt + reference])
                 labels = torch.tensor([[IGNORE] * len(prompt) + reference])
                 loss = model(input_ids=seq, labels=labels).loss.item()
-            # fmt: skip
             assert row[f"{which}_output"] == tokenizer.decode(new), (which, row["index"])
             assert row[f"{which}_output_tokens"] == len(new)
             assert row[f"{which}_loss"] == pytest.approx(loss, rel=1e-4), (which, row["index"])
+    assert len(set(_greedy(base, prompts[0], 12, -1))) < 12  # a repeat: the penalty would have changed it
     assert [r["base_output"] != r["tuned_output"] for r in out] == [True] * 3  # the adapter was on for tuned only
     assert len({r["replica"] for r in out}) == 1 and out[1]["reference_tokens"] == 3
 

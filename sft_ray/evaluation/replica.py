@@ -102,7 +102,10 @@ class Replica(_Scoring):
             self.base = None
         else:  # lora: null, final/ is a whole model
             self.base = base.eval()
-            self.model = AutoModelForCausalLM.from_pretrained(local, dtype=base.dtype).to(self.device).eval()
+            whole_model = AutoModelForCausalLM.from_pretrained(
+                local, dtype=base.dtype, trust_remote_code=cfg.model.trust_remote_code
+            )
+            self.model = whole_model.to(self.device).eval()
 
     def _switched(self, which: str):
         """The model that answers as `which`, and the context it answers in."""
@@ -127,17 +130,11 @@ class Replica(_Scoring):
                 losses[which] = self._losses(model, prompts, [r["reference_ids"] for r in rows])
         return self._table(rows, answers, losses)
 
-    def _answer(self, out) -> list[int]:
-        """The answer's tokens with the stop token that ended it, also if vLLM left it out of them."""
-        tokens = list(out.token_ids)
-        if out.finish_reason == "stop" and (not tokens or tokens[-1] not in self.stops):
-            tokens.append(out.stop_reason if isinstance(out.stop_reason, int) else self.tokenizer.eos_token_id)
-        return self._cut(tokens)
-
     def _generate(self, model, prompts: list[list[int]], first_index: int) -> list[list[int]]:
         """Left-padded batch generation; each answer cut after its first stop token (pads follow it)."""
         import torch
-        from transformers import GenerationConfig
+
+        from sft_ray.model import plain_generation
 
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
@@ -146,15 +143,7 @@ class Replica(_Scoring):
         sampled = self.e.temperature > 0
         if sampled:  # the same answers for the same prompts, whichever replica gets them
             torch.manual_seed(self.e.seed + first_index)
-        config = GenerationConfig(
-            max_new_tokens=self.e.max_new_tokens,
-            do_sample=sampled,
-            temperature=self.e.temperature if sampled else None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=pad,
-            eos_token_id=self.stops,
-        )
+        config = plain_generation(self.e.max_new_tokens, self.e.temperature, pad, self.stops)
         new = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, width:].tolist()
         return [self._cut(tokens) for tokens in new]
 
@@ -221,8 +210,11 @@ class VllmReplica(_Scoring):
             quantization="bitsandbytes" if cfg.quantization is not None else None,
             enable_lora=True,
             max_lora_rank=next(r for r in VLLM_RANKS if r >= cfg.lora.r),
-            max_model_len=cfg.data.max_length + e.max_new_tokens,
+            max_model_len=min(cfg.data.max_length + e.max_new_tokens, _positions(cfg)),
             seed=e.seed,
+            # Off: with it, prompt log-probabilities can change with the order of requests sharing a
+            # prefix (vllm-project/vllm#42019), and every prompt here is answered once per model anyway.
+            enable_prefix_caching=False,
         )
         self.lora = {"base": None, "tuned": LoRARequest("tuned", 1, local)}
 
@@ -255,6 +247,14 @@ class VllmReplica(_Scoring):
     def _answer(self, out) -> list[int]:
         """The answer's tokens with the stop token that ended it, also if vLLM left it out of them."""
         tokens = list(out.token_ids)
-        if out.finish_reason == "stop" and (not tokens or tokens[-1] not in self.stops):
-            tokens.append(out.stop_reason if isinstance(out.stop_reason, int) else self.tokenizer.eos_token_id)
+        if isinstance(out.stop_reason, int) and (not tokens or tokens[-1] != out.stop_reason):
+            tokens.append(out.stop_reason)  # one of stop_token_ids, which vLLM may leave out of the tokens
         return self._cut(tokens)
+
+
+def _positions(cfg: Config) -> int:
+    """The model's max positions (vLLM refuses a longer max_model_len)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    return getattr(config, "max_position_embeddings", None) or 10**9

@@ -38,20 +38,17 @@ def generate(model, tokenizer, prompts: list[dict], device, stops: list[int], sy
     that has stopped keeps stepping until all have."""
     import torch
 
+    from sft_ray.model import plain_generation
+
     results = []
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for p in prompts:
             ids = torch.tensor([p["prompt_ids"]], device=device)
+            config = plain_generation(len(p["reference_ids"]) + 16, 0.0, tokenizer.pad_token_id, stops)
             out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=len(p["reference_ids"]) + 16,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=stops,
-                synced_gpus=synced,
+                input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, synced_gpus=synced
             )
             new = out[0, ids.shape[1] :].tolist()
             results.append(
