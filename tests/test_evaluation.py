@@ -56,13 +56,19 @@ def test_totals_regressions_and_the_examples_that_differ_most():
     assert s["tuned"]["loss"] == pytest.approx(1.95) and s["tuned"]["perplexity"] == pytest.approx(math.exp(1.95))
     # Where exact match flipped first (8 of them), then by the loss difference.
     assert [x["index"] for x in s["most_different"]] == [9, 8, 7, 6, 5, 4, 3, 2, 19, 18]
-    found = metrics.regressions(s["base"], s["tuned"], t.n)
+    assert s["changed"]["exact_match"] == {"lost": 8, "gained": 0}
+    found = metrics.regressions(s["base"], s["tuned"], s["changed"])
     assert {r["metric"] for r in found} == set(metrics.RATES) | {"loss"}
-    assert "exact match 50% -> 10% (-40 points)" in metrics.describe(found)
+    assert "exact match 50% -> 10% (-40 points: 8 examples lost, 0 gained)" in metrics.describe(found)
 
-    # Two of sixteen examples lost: within chance, not a regression.
-    small = {k: 2 / 16 for k in metrics.RATES} | {"loss": 6.61}
-    assert metrics.regressions(small, {k: 0.0 for k in metrics.RATES} | {"loss": 6.62}, 16) == []
+    # The same examples answered by both: what counts is those that changed (McNemar), not the rates.
+    same = {k: 0.5 for k in metrics.RATES} | {"loss": 1.0}
+    changed = {k: {"lost": 2, "gained": 0} for k in metrics.RATES}  # two of sixteen lost: chance
+    assert metrics.regressions(same, same, changed) == []
+    ten_of_a_hundred = {k: {"lost": 10, "gained": 0} for k in metrics.RATES}  # 50% -> 40%, none gained
+    assert len(metrics.regressions(same, {k: 0.4 for k in metrics.RATES} | {"loss": 1.0}, ten_of_a_hundred)) == 4
+    swapped = {k: {"lost": 40, "gained": 25} for k in metrics.RATES}  # 50% -> 35%, many either way: 15 < 16.1
+    assert metrics.regressions(same, {k: 0.35 for k in metrics.RATES} | {"loss": 1.0}, swapped) == []
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,8 @@ class Totals:
         self.sums = {m: dict.fromkeys((*RATES, "output_tokens"), 0.0) for m in MODELS}
         self.nll = dict.fromkeys(MODELS, 0.0)
         self.tokens = 0
+        self.lost = dict.fromkeys(RATES, 0)  # examples the base got and the tuned model did not
+        self.gained = dict.fromkeys(RATES, 0)
         self.differ: list[tuple] = []  # a heap of the SHOWN examples where base and tuned differ most
 
     def add(self, row: dict) -> None:
@@ -52,6 +54,9 @@ class Totals:
             for key in (*RATES, "output_tokens"):
                 self.sums[m][key] += float(row[f"{m}_{key}"])
             self.nll[m] += row[f"{m}_loss"] * row["reference_tokens"]
+        for k in RATES:
+            self.lost[k] += bool(row[f"base_{k}"]) and not row[f"tuned_{k}"]
+            self.gained[k] += bool(row[f"tuned_{k}"]) and not row[f"base_{k}"]
         key = (sum(row[f"base_{k}"] != row[f"tuned_{k}"] for k in RATES), abs(row["tuned_loss"] - row["base_loss"]))
         item = (key, row["index"], {k: row[k] for k in SHOWN_KEYS})
         if len(self.differ) < SHOWN:
@@ -67,6 +72,7 @@ class Totals:
             s.update(loss=loss, perplexity=math.exp(min(loss, 700)) if loss is not None else None)
             out[m] = s
         out["most_different"] = [x[2] for x in sorted(self.differ, key=lambda x: x[:2], reverse=True)]
+        out["changed"] = {k: {"lost": self.lost[k], "gained": self.gained[k]} for k in RATES}
         return out
 
 
@@ -76,18 +82,20 @@ SHOWN_KEYS = (
 )  # fmt: skip
 
 
-def regressions(base: dict, tuned: dict, n: int) -> list[dict]:
-    """Where the tuned model does worse than the base on `n` examples, beyond chance: a rate lower by
-    more than twice its standard error (two proportions, pooled), or a reference loss more than
-    LOSS_TOLERANCE above the base's. Two of sixteen answers lost is noise, not a regression."""
+def regressions(base: dict, tuned: dict, changed: dict) -> list[dict]:
+    """Where the tuned model does worse than the base beyond chance.
+
+    A rate: base and tuned answer the same examples, so what counts is the examples that changed
+    (McNemar's test): flagged when the examples lost outnumber those gained by more than twice the
+    standard deviation of that difference under no change, sqrt(lost + gained) (about p < 0.05).
+    Two of sixteen lost and none gained is not flagged (2 < 2.8); ten of a hundred is (10 > 6.3).
+    The reference loss: flagged when more than LOSS_TOLERANCE above the base's."""
     out = []
     for k in RATES:
-        if base[k] is None or tuned[k] is None or not n:
-            continue
-        pooled = (base[k] + tuned[k]) / 2
-        noise = 2 * math.sqrt(pooled * (1 - pooled) * 2 / n)
-        if base[k] - tuned[k] > noise:
-            out.append({"metric": k, "base": base[k], "tuned": tuned[k], "by": base[k] - tuned[k]})
+        lost, gained = changed[k]["lost"], changed[k]["gained"]
+        if lost - gained > 2 * math.sqrt(lost + gained):
+            out.append({"metric": k, "base": base[k], "tuned": tuned[k], "by": base[k] - tuned[k], "lost": lost,
+                        "gained": gained})  # fmt: skip
     if base["loss"] is not None and tuned["loss"] > base["loss"] * (1 + LOSS_TOLERANCE):
         out.append({"metric": "loss", "base": base["loss"], "tuned": tuned["loss"], "by": tuned["loss"] - base["loss"]})
     return out
@@ -98,7 +106,8 @@ def describe(found: list[dict]) -> str:
     parts = [
         f"{r['metric'].replace('_', ' ')} {r['base']:.4f} -> {r['tuned']:.4f} (+{r['by']:.4f})"
         if r["metric"] == "loss"
-        else f"{r['metric'].replace('_', ' ')} {r['base']:.0%} -> {r['tuned']:.0%} (-{r['by'] * 100:.0f} points)"
+        else f"{r['metric'].replace('_', ' ')} {r['base']:.0%} -> {r['tuned']:.0%} (-{r['by'] * 100:.0f} points: "
+        f"{r['lost']} examples lost, {r['gained']} gained)"
         for r in found
     ]
     return "regressed by " + "; ".join(parts) if parts else "no regression"

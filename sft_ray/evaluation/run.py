@@ -250,7 +250,9 @@ class _Writer:
             self.parquet.close()
         summary = {**meta, "examples": self.totals.n, "replicas": sorted(self.replicas), **self.totals.summary()}
         found = (
-            metrics.regressions(summary["base"], summary["tuned"], self.totals.n) if meta["role"] == "retention" else []
+            metrics.regressions(summary["base"], summary["tuned"], summary["changed"])
+            if meta["role"] == "retention"
+            else []
         )
         summary.update(regressions=found, regressed=bool(found), line=metrics.describe(found))
         storage.write_json(os.path.join(self.folder, "summary.json"), summary)
