@@ -206,7 +206,7 @@ class SweepConfig(_Strict):
     # eval_loss: reported at every evaluation. exact_match: the share of eval.exact_match_rows held-out
     # prompts answered with the reference exactly, generated at every evaluation.
     metric: Literal["eval_loss", "exact_match"] = "eval_loss"
-    mode: Literal["min", "max"] | None = None  # follows from the metric: min for eval_loss, max for exact_match
+    mode: Literal["min", "max"] | None = None  # may be left out: it follows from the metric (`direction`)
     num_samples: int = Field(1, gt=0)
     max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster's CPUs/GPUs fit
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -214,14 +214,17 @@ class SweepConfig(_Strict):
 
     @model_validator(mode="after")
     def _mode_of_metric(self):
-        want = "max" if self.metric == "exact_match" else "min"
-        if self.mode not in (None, want):
+        if self.mode not in (None, self.direction):
             raise ValueError(
-                f"tune.mode: {self.metric} is better when {'higher' if want == 'max' else 'lower'}: "
-                f"set mode: {want}, or leave it out"
+                f"tune.mode: {self.metric} is better when {'higher' if self.direction == 'max' else 'lower'}: "
+                f"set mode: {self.direction}, or leave it out"
             )
-        self.__dict__["mode"] = want  # not through validate_assignment: that would run this again
         return self
+
+    @property
+    def direction(self) -> str:
+        """min for eval_loss, max for exact_match (never stored: a changed metric brings its own)."""
+        return "max" if self.metric == "exact_match" else "min"
 
     @property
     def reported(self) -> str:

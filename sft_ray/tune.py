@@ -127,17 +127,14 @@ def _run_trial(params: dict, tree: dict, prepared: str, manifest: dict, score: t
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from sft_ray.train.driver import fit
-    from sft_ray.train.final import run_dir, stored_config, stored_summary
+    from sft_ray.train.final import run_dir, same_training, stored_summary
 
     cfg = trial_config(tree, trial_name(tree["name"], tune.get_context().get_trial_id()), params)
     done = stored_summary(cfg)
-    if done is not None and stored_config(cfg) == cfg.model_dump(mode="json"):
+    if done is not None and same_training(cfg):
         print(f"{cfg.name} finished before the sweep was interrupted; its results are kept", flush=True)
-        last = (
-            {}
-            if score[0] == "eval_loss"
-            else {score[0]: _evaluations(run_dir(cfg), None, score[0]).get(done["global_step"])}
-        )
+        measured = _evaluations(run_dir(cfg), None, score[0])  # the last value measured, as finish() reports
+        last = {} if score[0] == "eval_loss" or not measured else {score[0]: measured[max(measured)]}
         tune.report({"finished": 1, "step": done["global_step"], "eval_loss": done["eval_loss_after"], **last})
         return
     callbacks = [TuneReportCallback()]
@@ -220,7 +217,7 @@ def _best(values, mode: str):
 def _best_line(evals: dict[int, float], t) -> str:
     if not evals:
         return "no evaluation"
-    best = _best(evals.values(), t.mode)
+    best = _best(evals.values(), t.direction)
     return f"best exact match {best:.0%}" if t.metric == "exact_match" else f"best eval loss {best:.4f}"
 
 
@@ -248,7 +245,7 @@ def _tuner(cfg: Config, trainable, sweep_dir: str):
         param_space=_param_space(cfg),
         tune_config=tune.TuneConfig(
             metric=cfg.tune.reported,
-            mode=cfg.tune.mode,
+            mode=cfg.tune.direction,
             scheduler=scheduler,
             num_samples=cfg.tune.num_samples,
             max_concurrent_trials=_concurrency(cfg),
@@ -318,13 +315,13 @@ def _row(result, cfg: Config) -> dict:
     if status == "completed":
         checkpoint = storage.join(run_dir, "final")
     else:  # the best registered checkpoint by the sweep's metric
-        checkpoint = _best(saved, t.mode)[1] if saved else None
+        checkpoint = _best(saved, t.direction)[1] if saved else None
     return {
         "trial_id": trial_id,
         "params": {k: result.config.get(k) for k in cfg.tune.space},
         "best_eval_loss": min(history.values()) if history else None,
         "metric": t.metric,
-        "best": _best(measured.values(), t.mode) if measured else None,  # by the sweep's metric
+        "best": _best(measured.values(), t.direction) if measured else None,  # by the sweep's metric
         "steps": max(history) if history else 0,
         "status": status,
         "eval_loss_history": sorted(history.items()),
@@ -454,7 +451,7 @@ def _sweep(cfg: Config, sweep_dir: str) -> dict:
             tree=cfg.model_dump(mode="json"),
             prepared=prepared,
             manifest=manifest,
-            score=(cfg.tune.reported, cfg.tune.mode),
+            score=(cfg.tune.reported, cfg.tune.direction),
         ),
         {"CPU": TRIAL_FN_CPUS},
     )
@@ -467,8 +464,9 @@ def _sweep(cfg: Config, sweep_dir: str) -> dict:
             "run the same command again to resume it"
         )
     scored = [r for r in rows if r["checkpoint"] and r["best"] is not None]
-    sign = -1 if cfg.tune.mode == "max" else 1
-    best = min(scored, key=lambda r: sign * r["best"]) if scored else None  # the first of equals
+    sign = -1 if cfg.tune.direction == "max" else 1
+    # Equals (exact match is often 100% for several) go to the lower eval loss, then the first.
+    best = min(scored, key=lambda r: (sign * r["best"], r["best_eval_loss"] or float("inf"))) if scored else None
     if best:
         _export_best(best, cfg, storage.join(sweep_dir, "best"))
     results = {"sweep": cfg.name, "metric": cfg.tune.metric, "best_trial": best and best["trial_id"], "trials": rows}

@@ -190,3 +190,28 @@ def test_the_vllm_engine_answers_and_scores_as_the_transformers_one(tmp_path, ti
         for which in ("base", "tuned"):
             assert a[f"{which}_output"] == b[f"{which}_output"]
             assert a[f"{which}_loss"] == pytest.approx(b[f"{which}_loss"], rel=1e-2)
+
+
+def test_a_finished_run_is_the_same_training_whatever_its_eval_generation_settings(tmp_path, tiny_model):
+    """`sft-ray train` reruns nothing for a config that differs only in how `sft-ray eval` generates."""
+    import yaml
+
+    from sft_ray.train.final import same_training
+
+    cfg = make_config(tmp_path, tiny_model, tmp_path / "train.jsonl", tmp_path / "eval.jsonl", name="done")
+    final = tmp_path / "storage" / "done" / "final"
+    final.mkdir(parents=True)
+    (final / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert same_training(cfg)
+    cfg.eval.max_new_tokens, cfg.eval.batch_size, cfg.eval.replicas = 7, 3, 1
+    assert same_training(cfg)
+    cfg.eval.exact_match_rows = 8  # measured during training: another training
+    assert not same_training(cfg)
+    cfg.eval.exact_match_rows, cfg.train.learning_rate = 0, 1e-3
+    assert not same_training(cfg)
+    # A final/ written before the eval section existed.
+    tree = cfg.model_dump(mode="json")
+    cfg.train.learning_rate = tree["train"]["learning_rate"]
+    del tree["eval"]
+    (final / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert same_training(cfg)

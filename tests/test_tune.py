@@ -151,7 +151,7 @@ def test_asha_sweep_by_exact_match_stops_weak_trials_and_exports_the_best(tmp_pa
         shares = [e["eval_exact_match"] for e in logged if "eval_exact_match" in e and e["step"] <= r["steps"]]
         assert r["metric"] == "exact_match" and r["best"] == max(shares), (r, shares)
     assert all(by_lr[lr]["best"] == 0 for lr in TERRIBLE) and all(by_lr[lr]["best"] > 0 for lr in GOOD_FOR_YES)
-    best_row = max(rows, key=lambda r: r["best"])
+    best_row = min(rows, key=lambda r: (-r["best"], r["best_eval_loss"]))  # equals: the lower eval loss
     assert result["best_trial"] == best_row["trial_id"] and best_row["params"]["train.learning_rate"] in GOOD_FOR_YES
     best = sweep_dir / "best"
     trial_cfg = yaml.safe_load((best / "config.yaml").read_text())

@@ -19,7 +19,7 @@ from sft_ray.ray_runtime import ensure_ray
 from sft_ray.train import tracking
 from sft_ray.train.checkpoints import resume_point
 from sft_ray.train.compat import no_ray_sigint_handler, worker_group_startup_timeout
-from sft_ray.train.final import run_dir, stored_config, stored_summary
+from sft_ray.train.final import run_dir, same_training, stored_summary
 from sft_ray.train.interrupt import Interrupted, stop_on_signals
 from sft_ray.train.shards import check_batch, total_steps
 
@@ -168,7 +168,7 @@ def _finished(cfg: Config) -> dict | None:
     config (more epochs, say) still resumes from the last checkpoint and trains on.
     """
     done = stored_summary(cfg)
-    if done is None or stored_config(cfg) != cfg.model_dump(mode="json"):
+    if done is None or not same_training(cfg):
         return None
     print(
         f"run {cfg.name} already finished with this config (data files are not compared); its results are "

@@ -24,6 +24,17 @@ def stored_summary(cfg: Config) -> dict | None:
     return {**storage.read_json(storage.join(dest, "metrics.json")), "final_dir": dest, "samples": samples}
 
 
+def same_training(cfg: Config) -> bool:
+    """Whether this run's final/ was trained with this config. The `eval` section's generation
+    settings only matter to `sft-ray eval`, not to training (its exact_match_rows does)."""
+
+    def trained(tree: dict) -> dict:
+        rows = (tree.get("eval") or {}).get("exact_match_rows", 0)
+        return {**tree, "eval": {"exact_match_rows": rows}}
+
+    return trained(stored_config(cfg)) == trained(cfg.model_dump(mode="json"))
+
+
 def stored_config(cfg: Config) -> dict:
     """The resolved config that this run's final/ was trained with."""
     fs, path = storage.filesystem(storage.join(run_dir(cfg), "final", "config.yaml"))
