@@ -280,6 +280,15 @@ class Config(_Strict):
                 "eval.engine=vllm serves the base with the adapter as a LoRA request; a fully fine-tuned model "
                 "(lora: null) is evaluated with eval.engine=transformers"
             )
+        if self.eval.engine == "vllm" and self.lora is not None and (self.lora.use_dora or self.lora.r > 512):
+            raise ValueError(
+                "eval.engine=vllm serves LoRA adapters of rank <= 512 without DoRA: use eval.engine=transformers"
+            )
+        if self.eval.engine == "vllm" and self.model.dtype == "float32":
+            raise ValueError(
+                "eval.engine=vllm: its LoRA kernels do not run in float32; set model.dtype (auto, bfloat16, float16) "
+                "or use eval.engine=transformers"
+            )
         if self.eval.engine == "vllm" and self.data.chat_template == "chatml":
             raise ValueError(
                 "eval.engine=vllm cannot serve the token rows ChatML trains next to the adapter (PEFT trainable "
@@ -288,6 +297,11 @@ class Config(_Strict):
         if self.eval.exact_match_rows and not (self.data.eval or self.data.eval_fraction):
             raise ValueError(
                 "eval.exact_match_rows generates held-out prompts: set data.eval (files) or data.eval_fraction"
+            )
+        if self.eval.exact_match_rows and any(src.format == "text" for src in self.data.eval or self.data.train):
+            raise ValueError(
+                "eval.exact_match_rows answers held-out prompts, and text rows have none (every token is trained): "
+                "evaluate prompt/response data, or set eval.exact_match_rows: 0"
             )
         if self.tune is not None and self.tune.metric == "exact_match" and not self.eval.exact_match_rows:
             raise ValueError(

@@ -151,8 +151,14 @@ def test_a_replica_answers_in_batches_as_the_model_does_one_prompt_at_a_time(tmp
 def test_configs_the_vllm_engine_cannot_serve_are_refused(tmp_path, tiny_model):
     from sft_ray.config import ConfigError
 
-    def cfg(**sections):
-        return make_config(tmp_path, tiny_model, tmp_path / "train.jsonl", tmp_path / "eval.jsonl", **sections)
+    def cfg(dtype="float32", **sections):
+        from sft_ray.config import validate
+
+        tree = make_config(tmp_path, tiny_model, tmp_path / "train.jsonl", tmp_path / "eval.jsonl").model_dump()
+        tree["model"]["dtype"] = dtype
+        for key, value in sections.items():
+            tree[key] = {**(tree.get(key) or {}), **value} if isinstance(value, dict) else value
+        return validate(tree)
 
     gpu = {"use_gpu": True, "num_workers": 1}
     with pytest.raises(ConfigError, match="eval.engine=vllm runs on GPUs: set scaling.use_gpu=true"):
@@ -160,8 +166,14 @@ def test_configs_the_vllm_engine_cannot_serve_are_refused(tmp_path, tiny_model):
     with pytest.raises(ConfigError, match=r"fully fine-tuned model \(lora: null\) is evaluated with eval.engine=trans"):
         cfg(eval={"engine": "vllm"}, scaling=gpu, lora=None)
     with pytest.raises(ConfigError, match="cannot serve the token rows ChatML trains"):
-        cfg(eval={"engine": "vllm"}, scaling=gpu, data={"chat_template": "chatml"})
-    assert cfg(eval={"engine": "vllm"}, scaling=gpu).eval.engine == "vllm"
+        cfg("bfloat16", eval={"engine": "vllm"}, scaling=gpu, data={"chat_template": "chatml"})
+    with pytest.raises(ConfigError, match="its LoRA kernels do not run in float32; set model.dtype"):
+        cfg(eval={"engine": "vllm"}, scaling=gpu)
+    with pytest.raises(ConfigError, match="LoRA adapters of rank <= 512 without DoRA"):
+        cfg("bfloat16", eval={"engine": "vllm"}, scaling=gpu, lora={"use_dora": True})
+    assert cfg("bfloat16", eval={"engine": "vllm"}, scaling=gpu).eval.engine == "vllm"
+    with pytest.raises(ConfigError, match="text rows have none"):
+        cfg(eval={"exact_match_rows": 4}, data={"eval": [{"path": str(tmp_path / "e.jsonl"), "format": "text"}]})
     with pytest.raises(ConfigError, match="tune.mode: exact_match is better when higher: set mode: max"):
         cfg(tune={"metric": "exact_match", "mode": "min", "space": {"train.learning_rate": {"choice": [1e-3]}}},
             eval={"exact_match_rows": 8})  # fmt: skip
@@ -175,10 +187,15 @@ def test_the_vllm_engine_answers_and_scores_as_the_transformers_one(tmp_path, ti
     pytest.importorskip("vllm")
     import pyarrow as pa
 
+    from sft_ray.config import validate
     from sft_ray.evaluation.replica import Replica, VllmReplica
 
     gpu, vllm = {"use_gpu": True, "num_workers": 1}, {"max_new_tokens": 12, "engine": "vllm"}
-    cfg = make_config(tmp_path, tiny_model, tmp_path / "train.jsonl", tmp_path / "eval.jsonl", eval=vllm, scaling=gpu)
+    tree = make_config(tmp_path, tiny_model, tmp_path / "train.jsonl", tmp_path / "eval.jsonl").model_dump()
+    tree["model"]["dtype"] = "bfloat16"  # vLLM's LoRA kernels: no float32
+    tree["eval"].update(vllm)
+    tree["scaling"].update(gpu)
+    cfg = validate(tree)
     prompts = [tokenizer(t)["input_ids"] for t in ("### Question\nIs 4 even?\n\n### Output\n", "Hi there")]
     ints = pa.list_(pa.int32())
     batch = pa.table({"set": ["eval"] * 2, "index": [0, 1], "prompt_ids": pa.array(prompts, ints),
@@ -186,10 +203,10 @@ def test_the_vllm_engine_answers_and_scores_as_the_transformers_one(tmp_path, ti
     config = cfg.model_dump(mode="json")
     fast = VllmReplica(config, str(adapter), {"eval": ["instruction"]})(batch).to_pylist()
     plain = Replica(config, str(adapter), {"eval": ["instruction"]})(batch).to_pylist()
-    for a, b in zip(fast, plain):
+    for a, b in zip(fast, plain):  # bfloat16 in two engines: the same start, losses within 5%
         for which in ("base", "tuned"):
-            assert a[f"{which}_output"] == b[f"{which}_output"]
-            assert a[f"{which}_loss"] == pytest.approx(b[f"{which}_loss"], rel=1e-2)
+            assert a[f"{which}_output"][:8] == b[f"{which}_output"][:8]
+            assert a[f"{which}_loss"] == pytest.approx(b[f"{which}_loss"], rel=5e-2)
 
 
 def test_a_finished_run_is_the_same_training_whatever_its_eval_generation_settings(tmp_path, tiny_model):

@@ -3,7 +3,8 @@ replicas (sft_ray/evaluation/replica.py), write each set's rows and summary whol
 
 Layout: `<storage.path>/<name>/eval/<set>/` with `examples.parquet` and `examples.jsonl` (one row
 per example: prompt, reference, base and tuned outputs, per-example metrics) and `summary.json`.
-The driver never holds a set: rows are written and summed as they arrive.
+The driver holds the sets' token ids (what the replicas are sent), never their answers: rows are
+written and summed as they arrive.
 """
 
 from __future__ import annotations
@@ -118,7 +119,10 @@ def _examples(sets: list[EvalSet]):
     tables = [read(s.prepared, s.manifest, s.split, s.name) for s in sets]
     for s, t in zip(sets, tables):
         if t.num_rows == 0:
-            raise EvalError(f"{s.source}: no example with a trained span to evaluate (set {s.name})")
+            raise EvalError(
+                f"{s.source}: no example to evaluate in set {s.name}: no row has a prompt before a trained span "
+                "(text rows are trained whole: there is nothing to answer)"
+            )
     return pa.concat_tables(tables)
 
 
@@ -152,7 +156,7 @@ def _run(cfg: Config, tuned: str, sets: list[EvalSet]) -> list[dict]:
     ctx.enable_progress_bars = False
     # Every replica loads its model before the first batch goes out; otherwise the first one ready
     # takes a small set whole. A pool the cluster cannot start fails (GetTimeoutError) instead of waiting for ever.
-    waited, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, REPLICA_START_S
+    waited = ctx.wait_for_min_actors_s
     # From the driver's table, not read tasks: a read task asks for a whole CPU, which the replicas
     # may all hold (a hang on a cluster of one-CPU nodes).
     ds = ray.data.from_arrow(blocks).map_batches(
@@ -170,8 +174,9 @@ def _run(cfg: Config, tuned: str, sets: list[EvalSet]) -> list[dict]:
     )
     start, first = time.time(), None  # first: when the first batch came back, and its rows
     with tempfile.TemporaryDirectory(prefix="sft-ray-eval-") as tmp:
-        out = {s.name: _Writer(os.path.join(tmp, s.name)) for s in sets}
+        out = {s.name: _Writer(os.path.join(tmp, s.name), cfg.eval.max_new_tokens) for s in sets}
         try:
+            ctx.wait_for_min_actors_s = REPLICA_START_S
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 first = first or (time.time(), batch.num_rows)
                 for name in set(batch.column("set").to_pylist()):
@@ -179,8 +184,9 @@ def _run(cfg: Config, tuned: str, sets: list[EvalSet]) -> list[dict]:
                     out[name].add(rows)
         except ray.exceptions.GetTimeoutError as err:
             raise EvalError(
-                f"eval.replicas: {replicas} model replicas did not all start within {REPLICA_START_S} s ({err}); "
-                "lower eval.replicas or add nodes"
+                f"eval.replicas: {replicas} model replicas did not all start and load the model within "
+                f"{REPLICA_START_S} s ({err}); the cluster may lack room for them (lower eval.replicas or add nodes), "
+                "or the model takes longer to download and load"
             ) from None
         finally:
             ctx.wait_for_min_actors_s = waited
@@ -229,9 +235,10 @@ def _meta(cfg: Config, s: EvalSet, tuned: str, timing: dict) -> dict:
 class _Writer:
     """One set's rows to Parquet and JSONL in a local folder, summed as they come."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, budget: int):
         os.makedirs(folder)
         self.folder, self.parquet, self.totals, self.replicas = folder, None, metrics.Totals(), set()
+        self.budget, self.over_budget = budget, 0  # references longer than eval.max_new_tokens
         self.jsonl = open(os.path.join(folder, "examples.jsonl"), "w")
 
     def add(self, rows) -> None:
@@ -243,12 +250,14 @@ class _Writer:
             self.jsonl.write(json.dumps(row) + "\n")
             self.totals.add(row)
             self.replicas.add(row["replica"])
+            self.over_budget += row["reference_tokens"] > self.budget
 
     def close(self, meta: dict) -> dict:
         self.jsonl.close()
         if self.parquet is not None:
             self.parquet.close()
         summary = {**meta, "examples": self.totals.n, "replicas": sorted(self.replicas), **self.totals.summary()}
+        summary["references_over_budget"] = self.over_budget  # their answers are cut: never an exact match
         found = (
             metrics.regressions(summary["base"], summary["tuned"], summary["changed"])
             if meta["role"] == "retention"
@@ -282,4 +291,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"{label:22}{f(s['base'][key]):>10}{f(s['tuned'][key]):>10}")
     if s["role"] == "retention":
         lines.append(f"retention: {s['line']}" + ("  << REGRESSED" if s["regressed"] else ""))
+    if s.get("references_over_budget"):
+        lines.append(
+            f"note: {s['references_over_budget']} references are longer than eval.max_new_tokens="
+            f"{s['generation']['max_new_tokens']}: those answers are cut and cannot match exactly"
+        )
     return "\n".join(lines)

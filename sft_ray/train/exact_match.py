@@ -1,6 +1,9 @@
 """`eval_exact_match` during training: at every evaluation, the share of `eval.exact_match_rows`
 held-out prompts whose greedy answer is the reference exactly (special tokens and surrounding
-whitespace aside, as `sft-ray eval` counts it: sft_ray/evaluation/metrics.py).
+whitespace aside, the comparison `sft-ray eval` makes: sft_ray/evaluation/metrics.py). It differs
+from `sft-ray eval` in what it answers: the first trained span of each of the eval split's first
+rows (as train.samples takes them), each with a budget of its reference's length + 16 tokens
+rather than eval.max_new_tokens.
 
 Eval loss can stay flat while the answers become right (the demo: eval loss near 4.1 with every
 answer exact), so a sweep may rank its trials by this instead (`tune.metric: exact_match`). It is
