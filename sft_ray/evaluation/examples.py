@@ -15,8 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sft_ray import storage
-
-IGNORE = -100
+from sft_ray.data.tokenize import IGNORE
 
 
 def spans(labels: list[int]) -> list[tuple[int, int]]:

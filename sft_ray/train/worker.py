@@ -15,19 +15,18 @@ import tempfile
 
 from sft_ray import storage
 from sft_ray.config import Config
-from sft_ray.data.tokenize import IGNORE
 from sft_ray.train import tracking
 
 
 def sample_prompts(eval_ds, n: int) -> list[dict]:
     """The first n held-out rows split into prompt ids (the untrained prefix) and reference ids
     (the first trained span: a multi-turn conversation's first assistant turn, not the later ones)."""
+    from sft_ray.evaluation.examples import spans
+
     out = []
     for row in eval_ds.select(range(min(n, len(eval_ds)))):
-        ids, labels = row["input_ids"], row["labels"]
-        first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
-        end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE), len(labels))
-        out.append({"prompt_ids": ids[:first], "reference_ids": labels[first:end]})
+        first, end = spans(row["labels"])[0]
+        out.append({"prompt_ids": row["input_ids"][:first], "reference_ids": row["labels"][first:end]})
     return out
 
 
